@@ -1,0 +1,7 @@
+"""agejax: facial age estimation by label distribution learning, in JAX and Flax."""
+
+from agejax.ldl import (central_interval, cumulative, distribution_std, expectation,
+                        expectation_from_logits, gaussian_label_distribution, label_grid,
+                        nearest_label_index, quantile, ranking_targets)
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from agejax import ldl
+
+GRID = ldl.label_grid()
+
+
+def test_label_grid():
+  assert GRID.shape == (101,)
+  assert float(GRID[0]) == 0 and float(GRID[-1]) == 100
+  np.testing.assert_allclose(ldl.label_grid(21, 60, 1), np.arange(21, 61))
+  np.testing.assert_allclose(ldl.label_grid(0, 1, 0.25), [0, .25, .5, .75, 1])
+  with pytest.raises(ValueError, match="step"):
+    ldl.label_grid(0, 10, 0)
+
+
+def test_gaussian_hand_computed():
+  grid = jnp.array([0., 1., 2.])
+  p = ldl.gaussian_label_distribution(jnp.array([1.0]), 1.0, grid)[0]
+  e = np.exp(-0.5)
+  np.testing.assert_allclose(p, [e / (1 + 2 * e), 1 / (1 + 2 * e), e / (1 + 2 * e)], rtol=1e-6)
+
+
+def test_gaussian_per_sample_sigma_and_normalised():
+  ages = jnp.array([10.0, 50.5, 99.0])
+  sigmas = jnp.array([1.0, 3.0, 7.5])
+  p = ldl.gaussian_label_distribution(ages, sigmas, GRID)
+  np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+  # Wider sigma, wider distribution.
+  std = ldl.distribution_std(p, GRID)
+  assert std[0] < std[1] < std[2]
+  np.testing.assert_allclose(std[0], 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("age,expected_idx", [(30.0, 30), (30.3, 30), (30.7, 31)])
+def test_sigma_zero_is_one_hot_of_nearest(age, expected_idx):
+  p = ldl.gaussian_label_distribution(jnp.array([age]), 0.0, GRID)[0]
+  assert np.all(np.isfinite(p))
+  np.testing.assert_allclose(p, np.eye(101)[expected_idx], atol=1e-6)
+
+
+def test_half_way_age_splits_mass():
+  p = ldl.gaussian_label_distribution(jnp.array([30.5]), 0.0, GRID)[0]
+  np.testing.assert_allclose(p[30], 0.5, atol=1e-6)
+  np.testing.assert_allclose(p[31], 0.5, atol=1e-6)
+
+
+def test_ages_outside_grid_pile_at_the_edge():
+  p = ldl.gaussian_label_distribution(jnp.array([-500.0, 400.0, 101.0]), 2.0, GRID)
+  assert np.all(np.isfinite(p))
+  np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(p[0, 0], 1.0, atol=1e-6)
+  np.testing.assert_allclose(p[1, -1], 1.0, atol=1e-6)
+  assert p[2, -1] > p[2, -2] > p[2, -3]  # truncated Gaussian, mode at the edge
+
+
+def test_bf16_input():
+  p = ldl.gaussian_label_distribution(jnp.array([25.0], jnp.bfloat16), jnp.bfloat16(2.0), GRID)
+  assert p.dtype == jnp.float32 and np.all(np.isfinite(p))
+  np.testing.assert_allclose(ldl.expectation(p, GRID), 25.0, atol=1e-3)
+
+
+def test_gradient_wrt_age_is_finite_for_tiny_sigma():
+  g = jax.grad(lambda a: ldl.expectation(ldl.gaussian_label_distribution(a, 1e-8, GRID), GRID))(30.2)
+  assert np.isfinite(g)
+
+
+def test_ranking_is_learning_label_distribution():
+  """1 - CDF of the Gaussian LD tends to the ranking targets as sigma -> 0 (DLDL-v2, Sec. 3)."""
+  ages = jnp.array([0.0, 17.0, 42.0, 100.0])
+  targets = ldl.ranking_targets(ages, GRID)
+  errs = []
+  for sigma in [4.0, 1.0, 0.3, 0.05]:
+    p = ldl.gaussian_label_distribution(ages, sigma, GRID)
+    errs.append(float(jnp.max(jnp.abs((1 - ldl.cumulative(p))[..., :-1] - targets))))
+  assert errs == sorted(errs, reverse=True)
+  assert errs[-1] < 1e-6
+
+
+def test_ranking_targets_hand():
+  t = ldl.ranking_targets(jnp.array([2.0]), jnp.array([0., 1., 2., 3.]))
+  np.testing.assert_array_equal(t, [[1, 1, 0]])
+
+
+def test_expectation_and_from_logits():
+  grid = jnp.array([10., 20., 30.])
+  np.testing.assert_allclose(ldl.expectation(jnp.array([.2, .3, .5]), grid), 23.0, rtol=1e-6)
+  logits = jnp.log(jnp.array([.2, .3, .5]))
+  np.testing.assert_allclose(ldl.expectation_from_logits(logits, grid), 23.0, rtol=1e-6)
+
+
+def test_quantile_and_interval():
+  grid = jnp.arange(5.0)
+  p = jnp.array([.1, .2, .4, .2, .1])
+  assert float(ldl.quantile(p, grid, 0.5)) == 2.0
+  lo, hi = ldl.central_interval(p, grid, 0.8)
+  assert (float(lo), float(hi)) == (0.0, 3.0)  # first labels with CDF >= 0.1 and >= 0.9
+  lo, hi = ldl.central_interval(p, grid, 0.5)
+  assert (float(lo), float(hi)) == (1.0, 3.0)
+
+
+def test_jit_and_vmap():
+  f = jax.jit(jax.vmap(lambda a, s: ldl.gaussian_label_distribution(a, s, GRID)))
+  p = f(jnp.array([1., 2.]), jnp.array([1., 2.]))
+  np.testing.assert_allclose(p, ldl.gaussian_label_distribution(jnp.array([1., 2.]), jnp.array([1., 2.]), GRID), rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(-20, 130), st.floats(0, 20))
+def test_property_distribution_valid(age, sigma):
+  p = ldl.gaussian_label_distribution(jnp.array([age]), sigma, GRID)
+  assert np.all(np.isfinite(p)) and np.all(p >= 0)
+  np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)
+  if 0 <= age <= 100 and sigma < 5:
+    assert abs(float(ldl.expectation(p, GRID)[0]) - age) < 0.6 + (0 if 3 * sigma < min(age, 100 - age) else sigma)
