@@ -1,0 +1,78 @@
+"""Networks: trunks + hard-shared heads, built by name.
+
+    model = models.create("thin", age_head="distribution")
+    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    outputs = model.apply(variables, images, train=False)   # dict of head outputs
+
+`variables` is a plain pytree {"params": ..., "batch_stats": ...}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from agejax.models.attention import MultiScaleAttention
+from agejax.models.heads import AGE_HEADS, Heads
+from agejax.models.resnet import STAGE_SIZES, ResNetTrunk
+from agejax.models.vgg import VGGTrunk
+
+
+class AgeNet(nn.Module):
+  """A trunk producing a feature vector and the heads reading it."""
+  trunk: nn.Module
+  heads: Heads
+
+  def __call__(self, images, train: bool = False):
+    return self.heads(self.trunk(images, train=train))
+
+
+def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction) -> nn.Module:
+  if name == "thin":
+    return VGGTrunk(width=0.5, dtype=dtype)
+  if name == "tiny":
+    return VGGTrunk(width=0.25, dtype=dtype)
+  if name == "vgg16":
+    return VGGTrunk(width=1.0, batch_norm=False, fc_dims=(4096, 4096), dtype=dtype)
+  if name in STAGE_SIZES:
+    return ResNetTrunk(STAGE_SIZES[name], msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates),
+                       msa_reduction=msa_reduction, dtype=dtype)
+  if name == "mtmsa":
+    return ResNetTrunk(STAGE_SIZES["resnet34"], msa_stages=tuple(msa_stages or (3, 4)),
+                       msa_rates=tuple(msa_rates), msa_reduction=msa_reduction, dtype=dtype)
+  raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES}.")
+
+
+MODEL_NAMES = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa")
+
+
+def create(name: str, *, age_head: str = "distribution", num_labels: int = 101, age_center: float = 50.0,
+           gender: bool = False, race: bool = False, dtype: Any = jnp.float32,
+           msa_stages=(), msa_rates=(1, 2, 5), msa_reduction: int = 4) -> AgeNet:
+  """Build a network by name. `dtype` is the compute dtype; parameters stay float32.
+
+  "mtmsa" is ResNet-34 with MSA after stages 3 and 4 (unless `msa_stages` says
+  otherwise); any ResNet gets MSA with `msa_stages`. Multi-task heads are
+  configuration (`gender`, `race`) for every trunk.
+  """
+  if isinstance(dtype, str):
+    dtype = jnp.dtype(dtype)
+  trunk = _trunk(name, dtype, msa_stages, msa_rates, msa_reduction)
+  return AgeNet(trunk, Heads(age_head, num_labels, age_center, gender, race))
+
+
+def count_params(params) -> int:
+  """Number of parameters (BN scale/bias included; running statistics are not params)."""
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def init(model: nn.Module, rng, image_size: int, batch: int = 1):
+  """Initialise variables for (batch, image_size, image_size, 3) inputs, shapes only compiled once."""
+  x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+  return jax.jit(lambda r: model.init({"params": r, "dropout": r}, x, train=False))(rng)
+
+
+__all__ = ["AgeNet", "Heads", "MultiScaleAttention", "AGE_HEADS", "MODEL_NAMES", "create", "count_params", "init"]

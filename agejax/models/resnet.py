@@ -1,0 +1,61 @@
+"""ResNet-18/34 trunks (He et al., CVPR 2016), optionally with multi-scale attention.
+
+Torchvision's layout (7x7/2 stem, 3x3/2 max-pool, BasicBlocks, 1x1 projection
+shortcuts), so the ResNet-34 trunk has exactly its 21,284,672 parameters.
+MTMSA inserts `MultiScaleAttention` after the stages named in `msa_stages`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from agejax.models.attention import MultiScaleAttention
+from agejax.models.vgg import conv_init
+
+STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+class BasicBlock(nn.Module):
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                   dtype=self.dtype, **kw)
+    conv = lambda f, k, s, p: nn.Conv(f, (k, k), (s, s), padding=p, use_bias=False,
+                                      kernel_init=conv_init, dtype=self.dtype)
+    y = nn.relu(bn()(conv(self.features, 3, self.strides, 1)(x)))
+    # Zero-init the last BN scale: each block starts as identity (Goyal et al. 2017).
+    y = bn(scale_init=nn.initializers.zeros)(conv(self.features, 3, 1, 1)(y))
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = bn()(conv(self.features, 1, self.strides, 0)(x))
+    return nn.relu(x + y)
+
+
+class ResNetTrunk(nn.Module):
+  """ResNet feature extractor returning globally pooled (B, 512) features."""
+  stage_sizes: Sequence[int] = STAGE_SIZES["resnet34"]
+  msa_stages: Sequence[int] = ()          # 1-based stage indices followed by an MSA module
+  msa_rates: Sequence[int] = (1, 2, 5)
+  msa_reduction: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_map: bool = False):
+    x = x.astype(self.dtype)
+    x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for i, n in enumerate(self.stage_sizes):
+      for j in range(n):
+        x = BasicBlock(64 * 2 ** i, strides=2 if (i > 0 and j == 0) else 1, dtype=self.dtype)(x, train)
+      if i + 1 in self.msa_stages:
+        x = MultiScaleAttention(self.msa_rates, self.msa_reduction, dtype=self.dtype)(x, train)
+    if return_map:
+      return x
+    return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,129 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agejax import ldl, models, objectives
+
+
+def _init(model, size, batch=2):
+  return models.init(model, jax.random.PRNGKey(0), size, batch)
+
+
+@pytest.mark.parametrize("name,expected", [("thin", 3_708_229), ("tiny", 934_869)])
+def test_dldl_v2_parameter_counts(name, expected):
+  v = _init(models.create(name), 64)
+  assert models.count_params(v["params"]) == expected
+
+
+def test_vgg16_and_resnet34_counts():
+  shapes = jax.eval_shape(lambda: models.create("vgg16").init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  assert models.count_params(shapes["params"]) == 134_674_341  # 138.36 M with 1000 classes
+  v = jax.eval_shape(lambda: models.create("resnet34").init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+  assert models.count_params(v["params"]["trunk"]) == 21_284_672
+
+
+def test_hybrid_pooling_shapes_and_zero_bias():
+  model = models.create("tiny")
+  for size in (64, 224):
+    v = _init(model, size)
+    out = model.apply(v, jnp.ones((2, size, size, 3)), train=False)
+    assert out["age_logits"].shape == (2, 101)
+  assert float(jnp.abs(v["params"]["heads"]["age"]["bias"]).sum()) == 0.0
+  # No conv bias in the DLDL-v2 trunks.
+  assert all("bias" not in k for k in v["params"]["trunk"] if k.startswith("Conv"))
+
+
+def test_batch_norm_train_updates_stats_and_eval_is_deterministic():
+  model = models.create("tiny")
+  v = _init(model, 32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  out, upd = model.apply(v, x, train=True, mutable=["batch_stats"])
+  before = jax.tree_util.tree_leaves(v["batch_stats"])[0]
+  after = jax.tree_util.tree_leaves(upd["batch_stats"])[0]
+  assert not np.allclose(before, after)
+  a = model.apply(v, x, train=False)["age_logits"]
+  b = model.apply(v, x, train=False)["age_logits"]
+  np.testing.assert_array_equal(a, b)
+
+
+def test_deterministic_init():
+  model = models.create("tiny")
+  a, b = _init(model, 32), _init(model, 32)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_bf16_compute_fp32_params():
+  model = models.create("tiny", dtype="bfloat16")
+  v = _init(model, 32)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(v["params"]))
+  out = model.apply(v, jnp.ones((2, 32, 32, 3)), train=False)
+  assert out["age_logits"].dtype == jnp.float32  # heads in fp32
+  ref = models.create("tiny").apply(v, jnp.ones((2, 32, 32, 3)), train=False)["age_logits"]
+  np.testing.assert_allclose(out["age_logits"], ref, atol=0.05)
+
+
+@pytest.mark.parametrize("head,keys,shape", [
+    ("distribution", ["age_logits"], (2, 101)), ("ordinal", ["age_logits"], (2, 100)),
+    ("coral", ["age_logits"], (2, 100)), ("gaussian", ["age_mu", "age_log_var"], (2,)),
+    ("scalar", ["age_pred"], (2,))])
+def test_heads(head, keys, shape):
+  model = models.create("resnet18", age_head=head, gender=True, race=True)
+  v = _init(model, 32)
+  out = model.apply(v, jnp.ones((2, 32, 32, 3)), train=False)
+  for k in keys:
+    assert out[k].shape == shape
+  assert out["gender_logits"].shape == (2, 2) and out["race_logits"].shape == (2, 5)
+
+
+def test_coral_head_is_rank_consistent():
+  model = models.create("tiny", age_head="coral")
+  v = _init(model, 32)
+  v = jax.tree_util.tree_map(lambda x: x, v)
+  v["params"]["heads"]["age_biases"] = jnp.linspace(2, -2, 100)
+  z = model.apply(v, jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3)), train=False)["age_logits"]
+  assert np.all(np.diff(np.asarray(z), axis=-1) <= 1e-6)  # shared weight: monotone in k
+
+
+def test_unknown_names_fail_clearly():
+  with pytest.raises(ValueError, match="Unknown model 'thinn'"):
+    models.create("thinn")
+  with pytest.raises(ValueError, match="Unknown loss"):
+    objectives.get("dldl3")
+
+
+def _erf_area(model, size=64, thresh=0.01):
+  v = _init(model, size, batch=1)
+  v["params"] = jax.tree_util.tree_map(lambda x: x, v["params"])
+
+  def center(x):
+    fmap = model.trunk.apply({"params": v["params"]["trunk"], "batch_stats": v["batch_stats"]["trunk"]},
+                             x, train=False, return_map=True)
+    h, w = fmap.shape[1] // 2, fmap.shape[2] // 2
+    return jnp.sum(fmap[0, h, w])
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, size, size, 3))
+  g = jnp.abs(jax.grad(center)(x)).sum(-1)[0]
+  return int(jnp.sum(g > thresh * g.max()))
+
+
+def test_msa_enlarges_effective_receptive_field():
+  # Gradient of the centre output of the last feature map w.r.t. the input: the
+  # area where it exceeds 1% of its peak. MSA's dilated convolutions widen it.
+  plain = _erf_area(models.create("resnet34"), size=96)
+  msa = _erf_area(models.create("mtmsa"), size=96)
+  assert msa > 1.3 * plain, (plain, msa)
+
+
+def test_objective_predictions_consistent():
+  grid = ldl.label_grid()
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 101))
+  pred = objectives.predict(objectives.get("dldl_v2"), {"age_logits": z}, grid)
+  np.testing.assert_allclose(pred["age"], ldl.expectation_from_logits(z, grid), rtol=1e-6)
+  np.testing.assert_allclose(pred["probs"].sum(-1), 1, rtol=1e-5)
+  g = objectives.predict(objectives.get("gaussian_nll"), {"age_mu": jnp.array([30.]), "age_log_var": jnp.log(jnp.array([9.]))}, grid)
+  np.testing.assert_allclose(g["std"], [3.0], rtol=1e-5)
+  o = objectives.predict(objectives.get("coral"), {"age_logits": jnp.where(jnp.arange(100) < 40, 5.0, -5.0)[None]}, grid)
+  np.testing.assert_allclose(o["age"], [40.0])
+  np.testing.assert_allclose(grid[jnp.argmax(o["probs"][0])], 40.0)
