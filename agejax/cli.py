@@ -1,0 +1,27 @@
+"""Process setup shared by the command-line tools."""
+
+from __future__ import annotations
+
+import os
+
+
+def setup_jax(config=None):
+  """Multi-host initialisation and CPU collectives, before any JAX computation.
+
+  With `config.distributed` (or AGEJAX_DISTRIBUTED=1), `jax.distributed.initialize()`
+  reads the coordinator address, process count and id from the environment
+  (TPU pods and SLURM/Open MPI fill them in; elsewhere set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+  """
+  import jax
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  distributed = bool(config is not None and config.get("distributed")) or os.environ.get("AGEJAX_DISTRIBUTED") == "1"
+  if distributed:
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+      kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                    num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)

@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders without TensorFlow), the grain input pipeline and augmentation."""

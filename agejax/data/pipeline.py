@@ -1,0 +1,109 @@
+"""The grain input pipeline: TFDS array_record source -> decoded, resized uint8 batches.
+
+Training chain (MaxText's, over `tfds` data sources):
+  MapDataset.source -> shuffle(seed) -> repeat (reshuffled each epoch)
+  -> [process_index::process_count] -> decode + resize -> batch(global // processes)
+  -> to_iter_dataset -> mp_prefetch(workers)
+Every step is index based, so the iterator's state is a few integers: it goes
+into the checkpoint and a resumed run sees exactly the batches it would have seen.
+
+Host work is JPEG decoding and resizing only (PIL, with JPEG DCT scaling). The
+random augmentation runs on the accelerator inside the jitted step
+(`agejax.data.augment`): on GPU/TPU hosts, whose CPUs are few per chip, that
+keeps the host from being the bottleneck; on CPU it costs the same either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+from PIL import Image, ImageOps
+
+LABEL_KEYS = ("age", "sigma", "gender", "race", "age_group", "label_conflict")
+
+
+def decode_face(data: bytes, size: int) -> np.ndarray:
+  """JPEG bytes -> (size, size, 3) uint8: shorter side resized to `size`, centre crop."""
+  with Image.open(io.BytesIO(data)) as img:
+    img.draft("RGB", (size, size))  # decode at the smallest DCT scale still >= size
+    img = img.convert("RGB")
+    return np.asarray(ImageOps.fit(img, (size, size), Image.BILINEAR))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode(grain.transforms.Map):
+  size: int
+
+  def map(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = {"image": decode_face(ex["image"], self.size)}
+    for k in LABEL_KEYS + ("index",):
+      if k in ex:
+        out[k] = np.asarray(ex[k])
+    return out
+
+
+def _with_index(source):
+  """Attach each record's index (to join predictions back to file names)."""
+  return grain.MapDataset.range(len(source)).map(lambda i: {**source[int(i)], "index": np.int32(i)})
+
+
+def train_iterator(source, *, size: int, global_batch: int, seed: int, workers: int = 0,
+                   process_index: int | None = None, process_count: int | None = None):
+  """An infinite, checkpointable iterator of this process's share of each global batch."""
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if global_batch % pc:
+    raise ValueError(f"global batch {global_batch} is not divisible by the {pc} processes.")
+  if len(source) < global_batch:
+    raise ValueError(f"The training split has {len(source)} images, fewer than one batch of {global_batch}.")
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = ds[pi::pc].map(Decode(size)).batch(global_batch // pc, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=4))
+  if workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+  return iter(it)
+
+
+def eval_batches(source, *, size: int, global_batch: int, process_index: int | None = None,
+                 process_count: int | None = None, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Every record once, as this process's share of padded global batches.
+
+  All processes yield the same number of batches (collectives must match);
+  padding rows have `valid` 0. Each row carries its record `index`.
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  n = len(source) if limit is None else min(limit, len(source))
+  local_batch = global_batch // pc
+  per_process = math.ceil(n / pc)
+  num_batches = math.ceil(per_process / local_batch)
+  ds = _with_index(source)[:n][pi::pc].map(Decode(size))
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  for _ in range(num_batches):
+    rows = []
+    for _ in range(local_batch):
+      try:
+        rows.append(next(it))
+      except StopIteration:
+        break
+    yield pad_batch(rows, local_batch, size)
+
+
+def pad_batch(rows, batch: int, size: int) -> dict[str, np.ndarray]:
+  out = {"image": np.zeros((batch, size, size, 3), np.uint8), "valid": np.zeros((batch,), np.float32),
+         "index": np.full((batch,), -1, np.int32)}
+  for k in LABEL_KEYS:
+    out[k] = np.zeros((batch,), np.float32 if k in ("age", "sigma") else np.int32)
+  for i, r in enumerate(rows):
+    out["valid"][i] = 1
+    out["index"][i] = r["index"]
+    out["image"][i] = r["image"]
+    for k in LABEL_KEYS:
+      out[k][i] = r[k]
+  return out

@@ -1,0 +1,262 @@
+"""Evaluation: metric summaries, per-image CSV, plots and a markdown report.
+
+`summarize` turns gathered predictions into every metric a dataset supports;
+`evaluate` loads a checkpoint, predicts a split and writes
+  eval/<split>.json, eval/<split>_predictions.csv, eval/<split>_*.png, eval/<split>.md
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from agejax import metrics
+
+RACE_NAMES = ("White", "Black", "Asian", "Indian", "Other")
+GENDER_NAMES = ("male", "female")
+
+
+def jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, np.ndarray) or hasattr(x, "tolist"):
+    return jsonable(np.asarray(x).tolist())
+  if isinstance(x, float) and not np.isfinite(x):
+    return None
+  return x
+
+
+def _age_metrics(pred, true, probs, grid, std=None) -> dict[str, Any]:
+  out = {"n": int(len(true)), "mae": float(metrics.mae(pred, true)),
+         "cs": {k: float(v) for k, v in zip(range(0, 11), np.asarray(metrics.cumulative_score(pred, true, np.arange(11))))},
+         "bias": float(np.mean(pred - true))}
+  if probs is not None:
+    out["coverage50"] = float(metrics.interval_coverage(probs, grid, true, 0.5))
+    out["coverage90"] = float(metrics.interval_coverage(probs, grid, true, 0.9))
+  if std is not None:
+    out["mean_predicted_std"] = float(np.mean(std))
+  return out
+
+
+def summarize(preds: dict[str, np.ndarray], grid, has_sigma: bool = False) -> dict[str, Any]:
+  """All metrics for one split's gathered predictions (see Trainer.predict_split)."""
+  grid = np.asarray(grid)
+  pred, true = preds["pred_age"], preds["age"]
+  s = _age_metrics(pred, true, preds.get("pred_probs"), grid, preds.get("pred_std"))
+  if has_sigma:
+    s["epsilon_error"] = float(metrics.epsilon_error(pred, true, preds["sigma"]))
+  groups = metrics.per_group_errors(pred, true)
+  s["per_group"] = {"edges": list(metrics.DEFAULT_AGE_GROUPS), **{k: np.asarray(v).tolist() for k, v in groups.items()}}
+  if "label_conflict" in preds and np.any(preds["label_conflict"] > 0):
+    clean = preds["label_conflict"] == 0
+    s["clean"] = _age_metrics(pred[clean], true[clean], preds["pred_probs"][clean] if "pred_probs" in preds else None,
+                              grid)
+  for task in ("gender", "race"):
+    if f"pred_{task}_probs" in preds and np.any(preds[task] >= 0):
+      s[f"{task}_accuracy"] = float(metrics.accuracy(np.argmax(preds[f"pred_{task}_probs"], -1), preds[task]))
+  if "age_group" in preds and np.all(preds["age_group"] >= 0):
+    exact, one_off = metrics.exact_and_one_off(metrics.age_to_adience_group(pred), preds["age_group"])
+    s["adience_exact"], s["adience_one_off"] = float(exact), float(one_off)
+  return s
+
+
+def scalars(summary: dict[str, Any]) -> dict[str, float]:
+  """The flat numbers worth logging every evaluation."""
+  out = {k: v for k, v in summary.items() if isinstance(v, float)}
+  out["cs5"] = summary["cs"][5]
+  if "clean" in summary:
+    out["clean_mae"] = summary["clean"]["mae"]
+  return out
+
+
+def write_predictions_csv(path: str, preds: dict[str, np.ndarray], filenames: list[str], grid):
+  grid = np.asarray(grid)
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    header = ["file", "true_age", "predicted_age", "predicted_std", "top1", "p1", "top2", "p2", "top3", "p3"]
+    extra = [t for t in ("gender", "race") if f"pred_{t}_probs" in preds]
+    header += [f"{t}_{c}" for t in extra for c in ("true", "pred", "prob")]
+    w.writerow(header)
+    probs = preds["pred_probs"]
+    top = np.argsort(-probs, axis=-1)[:, :3]
+    for i, name in enumerate(filenames):
+      row = [name, f"{preds['age'][i]:.2f}", f"{preds['pred_age'][i]:.2f}", f"{preds['pred_std'][i]:.2f}"]
+      for j in top[i]:
+        row += [f"{grid[j]:g}", f"{probs[i, j]:.4f}"]
+      for t in extra:
+        p = preds[f"pred_{t}_probs"][i]
+        row += [int(preds[t][i]), int(np.argmax(p)), f"{np.max(p):.4f}"]
+      w.writerow(row)
+
+
+def plot_report(prefix: str, preds: dict[str, np.ndarray], summary: dict[str, Any], grid) -> list[str]:
+  """Write the evaluation figures; returns their paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  grid = np.asarray(grid)
+  paths = []
+  pred, true = preds["pred_age"], preds["age"]
+
+  fig, ax = plt.subplots(figsize=(5, 5))
+  ax.scatter(true, pred, s=4, alpha=0.35)
+  lim = [grid.min(), grid.max()]
+  ax.plot(lim, lim, "k--", lw=1)
+  ax.set_xlabel("true age")
+  ax.set_ylabel("predicted age")
+  ax.set_title(f"MAE {summary['mae']:.2f} (n={summary['n']})")
+  paths.append(_save(fig, f"{prefix}_pred_vs_true.png"))
+
+  g = summary["per_group"]
+  edges = g["edges"]
+  labels = [f"{edges[i]}-{edges[i + 1] - 1}" for i in range(len(edges) - 1)] + [f"{edges[-1]}+"]
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  mae = np.nan_to_num(np.asarray(g["mae"], float))
+  bias = np.nan_to_num(np.asarray(g["bias"], float))
+  x = np.arange(len(labels))
+  ax.bar(x - 0.2, mae, 0.4, label="MAE")
+  ax.bar(x + 0.2, bias, 0.4, label="bias (pred - true)")
+  for xi, c in zip(x, g["count"]):
+    ax.text(xi, 0, f"n={int(c)}", ha="center", va="bottom", fontsize=7, rotation=90)
+  ax.axhline(0, color="k", lw=0.5)
+  ax.set_xticks(x, labels, rotation=45)
+  ax.set_xlabel("true age group")
+  ax.legend()
+  paths.append(_save(fig, f"{prefix}_per_group.png"))
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ks = sorted(int(k) for k in summary["cs"])
+  ax.plot(ks, [summary["cs"][k] for k in ks], "o-")
+  ax.set_xlabel("error threshold k (years)")
+  ax.set_ylabel("CS@k")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3)
+  paths.append(_save(fig, f"{prefix}_cs_curve.png"))
+
+  return paths
+
+
+def plot_examples(path: str, preds: dict[str, np.ndarray], images: list[np.ndarray], grid) -> str:
+  """A grid of faces with their predicted distributions and the true age (red)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  grid = np.asarray(grid)
+  pred, true = preds["pred_age"], preds["age"]
+  n = len(images)
+  fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.4), squeeze=False)
+  for i, img in enumerate(images):
+    axes[0, i].imshow(img)
+    axes[0, i].axis("off")
+    axes[0, i].set_title(f"true {true[i]:.0f} / pred {pred[i]:.1f}", fontsize=8)
+    axes[1, i].plot(grid, preds["pred_probs"][i])
+    axes[1, i].axvline(true[i], color="r", lw=1)
+    axes[1, i].set_yticks([])
+    axes[1, i].set_xlabel("age", fontsize=8)
+  return _save(fig, path)
+
+
+def _save(fig, path):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  import matplotlib.pyplot as plt
+  plt.close(fig)
+  return path
+
+
+def markdown_report(split: str, summary: dict[str, Any], figures: list[str], csv_name: str, title: str) -> str:
+  lines = [f"# {title}: {split}", "",
+           f"- images: {summary['n']}", f"- MAE: **{summary['mae']:.3f}**  (bias {summary['bias']:+.3f})",
+           f"- CS@5: {summary['cs'][5]:.3f}; CS@1..10: " + ", ".join(f"{summary['cs'][k]:.3f}" for k in range(1, 11))]
+  if "clean" in summary:
+    lines.append(f"- clean subset (label_conflict == 0, n={summary['clean']['n']}): MAE {summary['clean']['mae']:.3f}, "
+                 f"CS@5 {summary['clean']['cs'][5]:.3f}")
+  for k, name in (("epsilon_error", "epsilon-error"), ("gender_accuracy", "gender accuracy"),
+                  ("race_accuracy", "race accuracy"), ("adience_exact", "Adience exact"),
+                  ("adience_one_off", "Adience 1-off"), ("coverage90", "90% interval coverage"),
+                  ("coverage50", "50% interval coverage")):
+    if k in summary:
+      lines.append(f"- {name}: {summary[k]:.3f}")
+  g = summary["per_group"]
+  lines += ["", "| true age | n | MAE | bias |", "|---|---|---|---|"]
+  edges = g["edges"]
+  for i in range(len(edges)):
+    label = f"{edges[i]}-{edges[i + 1] - 1}" if i + 1 < len(edges) else f"{edges[i]}+"
+    mae = "-" if g["mae"][i] is None or not np.isfinite(g["mae"][i]) else f"{g['mae'][i]:.2f}"
+    bias = "-" if g["bias"][i] is None or not np.isfinite(g["bias"][i]) else f"{g['bias'][i]:+.2f}"
+    lines.append(f"| {label} | {int(g['count'][i])} | {mae} | {bias} |")
+  lines += ["", f"Per-image predictions: [{csv_name}]({csv_name})", ""]
+  lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures]
+  return "\n".join(lines) + "\n"
+
+
+def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "best",
+             flip_tta: bool | None = None, num_examples: int = 8) -> dict[str, Any]:
+  """Evaluate a trained model on a split and write the report files under workdir/eval."""
+  import jax
+  from PIL import Image
+  from agejax import train_lib
+  from agejax.data.pipeline import decode_face
+
+  if flip_tta is not None:
+    with config.unlocked():
+      config.flip_tta = flip_tta
+  split = split or config.dataset.test_split
+  trainer = train_lib.Trainer(config, workdir)
+  state = load_checkpoint(trainer, workdir, checkpoint)
+  preds = trainer.predict_split(state, split, progress=True)
+  source = trainer.builder.as_data_source(split)
+  has_sigma = bool(np.any(preds["sigma"] > 0))
+  summary = summarize(preds, trainer.grid, has_sigma=has_sigma)
+  summary.update({"split": split, "checkpoint": checkpoint, "step": int(jax.device_get(state.step)),
+                  "flip_tta": bool(config.flip_tta), "model": config.model.name, "loss": config.loss.name,
+                  "dataset": config.dataset.name, "dataset_config": config.dataset.config})
+  if jax.process_index() != 0:
+    return summary
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  filenames = [source[int(i)]["filename"].decode() for i in preds["index"]]
+  safe = split.replace("+", "_")
+  write_predictions_csv(os.path.join(out_dir, f"{safe}_predictions.csv"), preds, filenames, trainer.grid)
+  rng = np.random.RandomState(0)
+  pick = rng.choice(len(filenames), size=min(num_examples, len(filenames)), replace=False)
+  examples = [decode_face(source[int(preds["index"][i])]["image"], 128) for i in pick]
+  sub = {k: v[pick] for k, v in preds.items()}
+  figs = plot_report(os.path.join(out_dir, safe), preds, summary, trainer.grid)
+  figs.append(plot_examples(os.path.join(out_dir, f"{safe}_examples.png"), sub, examples, trainer.grid))
+  with open(os.path.join(out_dir, f"{safe}.json"), "w") as f:
+    json.dump(jsonable(summary), f, indent=2)
+  title = f"{config.dataset.name} {config.model.name} {config.loss.name}"
+  with open(os.path.join(out_dir, f"{safe}.md"), "w") as f:
+    f.write(markdown_report(split, summary, figs, f"{safe}_predictions.csv", title))
+  return summary
+
+
+def load_checkpoint(trainer, workdir: str, which: str):
+  """The train state from `best`, `last` or a step number; a clear error when absent."""
+  from agejax import train_lib
+  last_mgr, best_mgr = train_lib.checkpoint_managers(workdir, trainer.config)
+  try:
+    if which == "best":
+      mgr, step = best_mgr, best_mgr.best_step()
+      if step is None:
+        mgr, step = last_mgr, last_mgr.latest_step()
+    elif which == "last":
+      mgr, step = last_mgr, last_mgr.latest_step()
+    else:
+      mgr, step = last_mgr, int(which)
+      if step not in last_mgr.all_steps():
+        raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}/checkpoints; have {last_mgr.all_steps()}.")
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}: train first (python train.py --workdir {workdir} ...).")
+    return train_lib.restore_state(mgr, step, trainer.init_state())
+  finally:
+    last_mgr.close()
+    best_mgr.close()

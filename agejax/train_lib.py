@@ -1,0 +1,339 @@
+"""Training: create_train_state, train_step, eval_step, train_and_evaluate.
+
+One jitted step over a 1-D ('data',) mesh: parameters replicated, the batch
+sharded over every device of every host, the state donated. Batch-norm
+statistics are means over the global batch (the sharded arrays are global, so
+XLA inserts the all-reduce). Multi-host: each process feeds its slice of the
+global batch with `jax.make_array_from_process_local_data`; process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from agejax import ldl, models, objectives
+from agejax.data import augment, builders, pipeline
+from agejax.reporting import MetricWriter, Progress
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Fail before any computation on values the type-checked flags cannot catch."""
+  objectives.get(config.loss.name)
+  if config.model.name not in models.MODEL_NAMES:
+    raise ValueError(f"config.model.name: unknown model {config.model.name!r}; choose one of {models.MODEL_NAMES}.")
+  if config.dataset.name not in builders.BUILDERS:
+    raise ValueError(f"config.dataset.name: unknown dataset {config.dataset.name!r}; "
+                     f"choose one of {sorted(builders.BUILDERS)}.")
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {jax.device_count()} devices.")
+  if config.image_size < 32:
+    raise ValueError(f"config.image_size={config.image_size}: the VGG trunks need at least 32 pixels.")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.model.dtype: {config.model.dtype!r} is not float32, bfloat16 or float16.")
+
+
+def make_grid(config) -> jax.Array:
+  g = config.label_grid
+  return ldl.label_grid(g.start, g.stop, g.step)
+
+
+def make_model(config) -> nn.Module:
+  obj = objectives.get(config.loss.name)
+  grid = config.label_grid
+  return models.create(
+      config.model.name, age_head=obj.age_head, num_labels=int(make_grid(config).shape[0]),
+      age_center=(grid.start + grid.stop) / 2, gender=config.model.gender, race=config.model.race,
+      dtype=config.model.dtype, msa_stages=tuple(config.model.msa_stages), msa_rates=tuple(config.model.msa_rates),
+      msa_reduction=config.model.msa_reduction)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam (lr 1e-3, eps 1e-7) with step decays at the configured epochs (DLDL-v2: x0.1 from epoch 31)."""
+  o = config.optimizer
+  boundaries = {int(e * steps_per_epoch): o.decay_factor for e in o.decay_epochs}
+  lr = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+  if o.warmup_steps:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), lr], [o.warmup_steps])
+  if o.name == "adam":
+    opt = optax.adam(lr, eps=o.eps) if not o.weight_decay else optax.adamw(lr, eps=o.eps, weight_decay=o.weight_decay)
+  elif o.name == "sgd":
+    opt = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=0.9))
+  else:
+    raise ValueError(f"config.optimizer.name: {o.name!r} is not adam or sgd.")
+  if o.grad_clip:
+    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+  return opt, lr
+
+
+def make_mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def create_train_state(config, model, tx, rng, mesh) -> TrainState:
+  replicated = NamedSharding(mesh, P())
+  x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, x, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=state_rng)
+
+  return jax.jit(init, out_shardings=replicated)(rng)
+
+
+def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
+  """One optimisation step on a global batch; returns the new state and scalar metrics."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  aug_rng, drop_rng = jax.random.split(step_rng)
+  images = augment.augment(aug_rng, batch["image"], dict(config.augment))
+  hp = dict(config.loss)
+  if config.loss.stage1_epochs > 0:
+    hp["lam"] = jnp.where(state.step < config.loss.stage1_steps, 0.0, config.loss.lam)
+  weights = {"gender": config.loss.gender_weight, "race": config.loss.race_weight}
+
+  def loss_fn(params):
+    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                   mutable=["batch_stats"], rngs={"dropout": drop_rng})
+    total, parts = objectives.total_loss(objective, outputs, batch, grid, hp, weights)
+    return total, (parts, outputs, updates)
+
+  (loss, (parts, outputs, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if config.debug_nan_step >= 0:
+    loss = jnp.where(state.step == config.debug_nan_step, jnp.nan, loss)
+    grads = jax.tree_util.tree_map(lambda g: jnp.where(state.step == config.debug_nan_step, jnp.nan, g), grads)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, param_updates)
+  pred = objectives.predict(objective, outputs, grid)
+  metrics = {"loss": loss, "train_mae": jnp.mean(jnp.abs(pred["age"] - batch["age"])),
+             "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+  metrics.update({f"loss_{k}": v for k, v in parts.items()})
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=updates["batch_stats"],
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, *, model, objective, grid, flip_tta: bool):
+  """Predictions for a batch, flip-averaged over the distributions when asked."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  x = augment.normalize(batch["image"])
+  outputs = model.apply(variables, x, train=False)
+  pred = objectives.predict(objective, outputs, grid)
+  if flip_tta:
+    pf = objectives.predict(objective, model.apply(variables, augment.flip(x), train=False), grid)
+    probs = (pred["probs"] + pf["probs"]) / 2
+    age = (pred["age"] + pf["age"]) / 2
+    std = ldl.distribution_std(probs, grid) if objective.age_head != "gaussian" else (pred["std"] + pf["std"]) / 2
+    pred = {**{k: (pred[k] + pf[k]) / 2 for k in pred if k.endswith("_probs")}, "age": age, "probs": probs, "std": std}
+  return pred
+
+
+class Trainer:
+  """Holds the compiled steps, shardings and data for one configuration."""
+
+  def __init__(self, config, workdir: str | None = None):
+    validate(config)
+    self.config = config
+    self.workdir = workdir
+    self.mesh = make_mesh()
+    self.replicated = NamedSharding(self.mesh, P())
+    self.data_sharding = NamedSharding(self.mesh, P("data"))
+    self.objective = objectives.get(config.loss.name)
+    self.grid = make_grid(config)
+    self.model = make_model(config)
+    ds = config.dataset
+    self.builder = builders.ensure_built(ds.name, ds.config or None, ds.data_dir or None, ds.manual_dir or None,
+                                         on_error=ds.on_error)
+    self.train_source = self.builder.as_data_source(ds.train_split)
+    self.steps_per_epoch = max(1, len(self.train_source) // config.batch_size)
+    self.num_steps = (config.num_train_steps if config.num_train_steps > 0
+                      else int(config.num_epochs * self.steps_per_epoch))
+    with config.unlocked():
+      config.loss.stage1_steps = int(config.loss.stage1_epochs * self.steps_per_epoch)
+    self.tx, self.lr_fn = make_optimizer(config, self.steps_per_epoch)
+    self.train_step = jax.jit(
+        functools.partial(train_step, model=self.model, tx=self.tx, objective=self.objective, grid=self.grid,
+                          config=config),
+        in_shardings=(self.replicated, self.data_sharding), out_shardings=(self.replicated, self.replicated),
+        donate_argnums=(0,))
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, model=self.model, objective=self.objective, grid=self.grid,
+                          flip_tta=config.flip_tta),
+        in_shardings=(self.replicated, self.data_sharding), out_shardings=self.data_sharding)
+
+  def init_state(self) -> TrainState:
+    return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh)
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}
+
+  def train_iterator(self):
+    return pipeline.train_iterator(self.train_source, size=self.config.image_size,
+                                   global_batch=self.config.batch_size, seed=self.config.seed,
+                                   workers=self.config.workers)
+
+  def predict_split(self, state, split: str, limit: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Predictions and labels for every image of a split, gathered on every host."""
+    from jax.experimental import multihost_utils
+    source = self.builder.as_data_source(split)
+    limit = limit if (limit and limit > 0) else None
+    n = len(source) if limit is None else min(limit, len(source))
+    batches = pipeline.eval_batches(source, size=self.config.image_size, global_batch=self.config.batch_size,
+                                    limit=limit)
+    total = math.ceil(math.ceil(n / jax.process_count()) / (self.config.batch_size // jax.process_count()))
+    bar = Progress(total, f"eval {split}", unit="batch", enabled=progress and jax.process_index() == 0)
+    chunks = []
+    for local in batches:
+      batch = self.global_batch(local)
+      pred = self.eval_step(state, batch)
+      out = {**{k: v for k, v in batch.items() if k != "image"}, **{f"pred_{k}": v for k, v in pred.items()}}
+      chunks.append(jax.tree_util.tree_map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), out))
+      bar.update(1, images=self.config.batch_size)
+    bar.close()
+    merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    keep = merged["valid"] > 0
+    merged = {k: v[keep] for k, v in merged.items()}
+    order = np.argsort(merged["index"], kind="stable")
+    return {k: v[order] for k, v in merged.items()}
+
+
+def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """The last-k manager (state + data iterator) and the best-by-validation-MAE manager (state)."""
+  last = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=True),
+      item_names=("state", "data"))
+  best = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "best"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_mae"], best_mode="min",
+                                           create=True, enable_async_checkpointing=False),
+      item_names=("state",))
+  return last, best
+
+
+def abstract_state(state_like):
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_like)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, template: TrainState, iterator=None):
+  items = {"state": ocp.args.StandardRestore(abstract_state(template))}
+  if iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train (resuming from the latest checkpoint in `workdir`), validating periodically.
+
+  Returns the final validation summary. Raises NonFiniteLossError if the loss
+  goes NaN/Inf; checkpoints are only written after the losses since the last
+  check were verified finite, so the last one on disk is good.
+  """
+  from agejax import evaluate_lib  # evaluation helpers sit above the trainer's core
+  trainer = Trainer(config, workdir)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = MetricWriter(workdir, enabled=is_main)
+  last_mgr, best_mgr = checkpoint_managers(workdir, config)
+  state = trainer.init_state()
+  it = trainer.train_iterator()
+  start = last_mgr.latest_step()
+  if start is not None:
+    state = restore_state(last_mgr, start, state, it)
+    writer.log_text(f"Resumed from step {start} in {workdir}/checkpoints.")
+  step = int(jax.device_get(state.step))
+  eval_every = max(1, int(config.eval_every_epochs * trainer.steps_per_epoch))
+  progress = Progress(trainer.num_steps, "train", unit="step", initial=step, enabled=is_main)
+  pending: list[dict[str, jax.Array]] = []
+  summary: dict[str, Any] = {}
+
+  def check_finite(at_step: int):
+    if not pending:
+      return
+    losses = np.asarray(jax.device_get([m["loss"] for m in pending]))
+    if not np.all(np.isfinite(losses)):
+      bad = at_step - len(pending) + int(np.argmin(np.isfinite(losses)))
+      last = last_mgr.latest_step()
+      last_mgr.wait_until_finished()
+      raise NonFiniteLossError(
+          f"The training loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}. "
+          f"The last good checkpoint is step {last} in {os.path.join(workdir, 'checkpoints')} (left intact). "
+          "Lower config.optimizer.learning_rate, set config.optimizer.grad_clip, or check the data.")
+
+  try:
+    while step < trainer.num_steps:
+      local = next(it)
+      state, metrics = trainer.train_step(state, trainer.global_batch(local))
+      step += 1
+      pending.append(metrics)
+      progress.update(1, images=config.batch_size)
+      if step % config.log_every_steps == 0 or step == trainer.num_steps:
+        check_finite(step)
+        avg = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+        avg["learning_rate"] = float(trainer.lr_fn(step - 1))
+        avg["epoch"] = step / trainer.steps_per_epoch
+        avg.update(progress.rates())
+        writer.write(step, avg, prefix="train")
+        progress.log(f"step {step}/{trainer.num_steps} epoch {avg['epoch']:.2f} loss {avg['loss']:.4f} "
+                     f"mae {avg['train_mae']:.2f} lr {avg['learning_rate']:.2e} "
+                     f"{avg['images_per_sec']:.1f} img/s ETA {progress.eta_str()}")
+        pending = []
+      if step % config.checkpoint_every_steps == 0 or step == trainer.num_steps:
+        check_finite(step)
+        pending = []
+        last_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    data=grain.checkpoint.CheckpointSave(it)))
+      if step % eval_every == 0 or step == trainer.num_steps:
+        check_finite(step)
+        pending = []
+        with progress.paused():
+          preds = trainer.predict_split(state, config.dataset.eval_split, config.eval_limit)
+          summary = evaluate_lib.summarize(preds, trainer.grid, has_sigma=bool(np.any(preds["sigma"] > 0)))
+          writer.write(step, evaluate_lib.scalars(summary), prefix="val")
+          progress.log(f"step {step} validation MAE {summary['mae']:.3f} CS@5 {summary['cs'][5]:.3f}")
+          best_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                        metrics={"val_mae": float(summary["mae"])})
+  finally:
+    progress.close()
+    last_mgr.wait_until_finished()
+    last_mgr.close()
+    best_mgr.close()
+    writer.close()
+  if is_main:
+    with open(os.path.join(workdir, "final_validation.json"), "w") as f:
+      json.dump(evaluate_lib.jsonable(summary), f, indent=2)
+  return summary

@@ -1,0 +1,19 @@
+"""Adience, 5-fold subject-exclusive CV: `:fold2` picks the test fold. Reports exact / 1-off accuracy."""
+
+from configs import default
+
+
+def get_config(arg=None):
+  c = default.base_config()
+  c.dataset.name = "adience"
+  c.dataset.config = "fold0"
+  c.dataset.on_error = "skip"   # rows with no age label are part of the release
+  c.dataset.eval_split = "test"
+  c.dataset.test_split = "test"
+  tokens = []
+  for t in (arg or "").split(","):
+    if t.startswith("fold"):
+      c.dataset.config = t
+    elif t:
+      tokens.append(t)
+  return default.apply_variants(c, ",".join(tokens))

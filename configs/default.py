@@ -1,0 +1,100 @@
+"""Defaults faithful to DLDL-v2 (Gao et al., IJCAI 2018) and its official code.
+
+Dataset configs import `get_config` from here and change a few fields; the
+string after ":" on the command line is a comma-separated list of variants:
+  model:    thin | tiny | vgg16 | resnet18 | resnet34 | mtmsa (age+gender+race, MSA)
+            | multitask (gender and race heads on the chosen trunk)
+  loss:     any name in agejax.objectives (dldl_v2, dldl, dex, mean_variance, sord,
+            ranking_bce, coral, corn, l1, l2, gaussian_nll)
+  schedule: smoke (seconds; tests) | cpu (TinyAgeNet at 64 px, useful within an
+            hour on 2 CPU cores) | the paper's (default)
+  two_stage: the official code's KL-only first stage, then KL + L1
+e.g. `--config configs/chalearn16.py:tiny,cpu`.
+"""
+
+import ml_collections
+
+MODELS = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa")
+LOSSES = ("dldl_v2", "dldl", "dex", "mean_variance", "sord", "ranking_bce", "coral", "corn", "l1", "l2",
+          "gaussian_nll")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = ml_collections.ConfigDict(dict(
+      name="utkface", config="", data_dir="", manual_dir="", on_error="raise",
+      train_split="train", eval_split="validation", test_split="test"))
+  c.label_grid = ml_collections.ConfigDict(dict(start=0.0, stop=100.0, step=1.0))
+  c.model = ml_collections.ConfigDict(dict(
+      name="thin", dtype="float32", gender=False, race=False,
+      msa_stages=(), msa_rates=(1, 2, 5), msa_reduction=4))
+  c.loss = ml_collections.ConfigDict(dict(
+      name="dldl_v2", lam=1.0, sigma=2.0, min_sigma=0.0, kl_reduction="sum",
+      lam_mean=0.2, lam_var=0.05, alpha=1.0, gender_weight=1.0, race_weight=1.0,
+      stage1_epochs=0))  # > 0: KL only for these epochs (the official two-stage recipe)
+  c.augment = ml_collections.ConfigDict(dict(
+      flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4))
+  c.image_size = 224
+  c.batch_size = 128                 # global, over all devices of all hosts
+  c.num_epochs = 60
+  c.num_train_steps = -1             # > 0 overrides num_epochs
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam", learning_rate=1e-3, eps=1e-7, weight_decay=0.0, decay_epochs=(30,), decay_factor=0.1,
+      warmup_steps=0, grad_clip=0.0))
+  c.seed = 0
+  c.workers = 0                      # grain worker processes (0: threads in the main process)
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.eval_limit = -1                  # > 0: evaluate on only this many images (smoke tests)
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.flip_tta = True
+  c.distributed = False              # call jax.distributed.initialize() (multi-host)
+  c.debug_nan_step = -1              # tests: poison the loss with NaN at this step
+  return c
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  for token in [t.strip() for t in (arg or "").split(",") if t.strip()]:
+    if token in MODELS:
+      c.model.name = token
+      if token == "mtmsa":
+        c.model.gender = c.model.race = True
+        c.model.msa_stages = (3, 4)
+    elif token == "multitask":
+      c.model.gender = c.model.race = True
+    elif token in LOSSES:
+      c.loss.name = token
+    elif token == "smoke":
+      c.model.name = c.model.name if c.model.name == "resnet18" else "tiny"
+      c.image_size = 32
+      c.batch_size = 8
+      c.num_epochs = 1
+      c.num_train_steps = 6
+      c.log_every_steps = 2
+      c.eval_every_epochs = 0.5
+      c.checkpoint_every_steps = 3
+      c.eval_limit = 16
+      c.augment.rotate = 5.0
+    elif token == "cpu":
+      c.model.name = "tiny"
+      c.image_size = 64
+      c.batch_size = 64
+      c.num_epochs = 16
+      c.optimizer.decay_epochs = (12,)
+      c.log_every_steps = 50
+      c.eval_every_epochs = 2.0
+      c.checkpoint_every_steps = 300
+      c.workers = 0
+    elif token == "two_stage":
+      c.loss.stage1_epochs = max(1, c.num_epochs // 2)
+    elif token == "bf16":
+      c.model.dtype = "bfloat16"
+    else:
+      raise ValueError(f"Unknown config variant {token!r}: use a model {MODELS}, a loss {LOSSES}, "
+                       "or smoke / cpu / two_stage / multitask / bf16.")
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return apply_variants(base_config(), arg)
