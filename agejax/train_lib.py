@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
   """One optimisation step on a global batch; returns the new state and scalar metrics."""
   step_rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, drop_rng = jax.random.split(step_rng)
-  images = augment.augment(aug_rng, batch["image"], dict(config.augment))
+  images = augment.augment(aug_rng, batch["image"], dict(config.augment), batch.get("index"))
   hp = dict(config.loss)
   if config.loss.stage1_epochs > 0:
     hp["lam"] = jnp.where(state.step < config.loss.stage1_steps, 0.0, config.loss.lam)

@@ -88,10 +88,16 @@ def augment_image(key, img, cfg: Mapping):
   return img
 
 
-def augment(key, images, cfg: Mapping) -> jax.Array:
-  """Augment a batch (one key per image, split from `key`) and normalise it."""
+def augment(key, images, cfg: Mapping, example_ids=None) -> jax.Array:
+  """Augment a batch and normalise it.
+
+  Each image's key is `fold_in(key, example_ids[i])` (default: its position),
+  so passing record indices makes the result independent of how the batch is
+  ordered or sharded.
+  """
   x = images.astype(jnp.float32)
-  keys = jax.random.split(key, x.shape[0])
+  ids = jnp.arange(x.shape[0]) if example_ids is None else example_ids
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
   x = jax.vmap(lambda k, i: augment_image(k, i, cfg))(keys, x)
   return normalize(x)
 

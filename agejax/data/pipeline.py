@@ -55,14 +55,18 @@ def _with_index(source):
 
 def train_iterator(source, *, size: int, global_batch: int, seed: int, workers: int = 0,
                    process_index: int | None = None, process_count: int | None = None):
-  """An infinite, checkpointable iterator of this process's share of each global batch."""
+  """An infinite, checkpointable iterator of this process's share of each global batch.
+
+  Rows carry their record `index`; augmentation keys derive from it, so a
+  global batch is augmented the same however it is split over processes.
+  """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if global_batch % pc:
     raise ValueError(f"global batch {global_batch} is not divisible by the {pc} processes.")
   if len(source) < global_batch:
     raise ValueError(f"The training split has {len(source)} images, fewer than one batch of {global_batch}.")
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = _with_index(source).shuffle(seed=seed).repeat(None)
   ds = ds[pi::pc].map(Decode(size)).batch(global_batch // pc, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=4))
   if workers:

@@ -1,0 +1,100 @@
+"""Small generated files in each dataset's official layout (no real images in the repo)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+
+def jpeg_bytes(seed: int, size: int = 40, fmt: str = "JPEG") -> bytes:
+  rng = np.random.RandomState(seed)
+  base = rng.randint(0, 255, (4, 4, 3)).astype(np.uint8)
+  img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+  out = io.BytesIO()
+  img.save(out, format=fmt)
+  return out.getvalue()
+
+
+def write_image(path: str, seed: int, size: int = 40, fmt: str = "JPEG"):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(jpeg_bytes(seed, size, fmt))
+
+
+def utkface_archive(manual_dir: str, names: list[str], extra: dict[str, bytes] | None = None):
+  os.makedirs(manual_dir, exist_ok=True)
+  with tarfile.open(os.path.join(manual_dir, "UTKFace.tar.gz"), "w:gz") as tar:
+    items = [(n, jpeg_bytes(i)) for i, n in enumerate(names)] + list((extra or {}).items())
+    for name, data in items:
+      info = tarfile.TarInfo(f"UTKFace/{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def chalearn16(manual_dir: str, n: int = 4):
+  for split, folder in (("train", "train"), ("valid", "valid"), ("test", "test")):
+    rows = ["image,mean,stdv"]
+    for i in range(n):
+      name = f"{i:06d}.jpg"
+      write_image(os.path.join(manual_dir, folder, name), i)
+      rows.append(f"{name},{20 + i + 0.5},{1.5 + i}")
+    open(os.path.join(manual_dir, f"{split}_gt.csv"), "w").write("\n".join(rows) + "\n")
+
+
+def chalearn15(manual_dir: str, n: int = 4):
+  for split in ("Train", "Validation"):
+    rows = []
+    for i in range(n):
+      name = f"image_{i}.jpg"
+      write_image(os.path.join(manual_dir, split, name), 10 + i)
+      rows.append(f"{name};{30 + i};{2.0 + i / 2}")
+    open(os.path.join(manual_dir, f"{split}.csv"), "w").write("\n".join(rows) + "\n")
+
+
+def morph_lists(manual_dir: str, n: int = 5):
+  for split in ("train", "test"):
+    rows = []
+    for i in range(n):
+      name = f"{split}_{i:03d}_{i}M{20 + i}.JPG"
+      write_image(os.path.join(manual_dir, "images", name), i)
+      rows.append(f"{name},{20 + i},{2.0}")
+    open(os.path.join(manual_dir, f"morph_{split}.csv"), "w").write("\n".join(rows) + "\n")
+
+
+def morph_metadata(manual_dir: str, n: int = 20):
+  rows = ["id_num,picture_num,dob,doa,race,gender,facial_hair,age,age_diff,glasses,photo"]
+  for i in range(n):
+    rel = f"Album2/{i:06d}_00M{20 + i}.JPG"
+    write_image(os.path.join(manual_dir, "images", rel), i)
+    rows.append(f"{i:06d},0,1/1/1980,1/1/2000,{'BWAHO'[i % 5]},{'MF'[i % 2]},0,{20 + i},0,0,{rel}")
+  open(os.path.join(manual_dir, "morph.csv"), "w").write("\n".join(rows) + "\n")
+
+
+ADIENCE_HEADER = "user_id\toriginal_image\tface_id\tage\tgender\tx\ty\tdx\tdy\ttilt_ang\tfiducial_yaw_angle\tfiducial_score"
+
+
+def adience(manual_dir: str, per_fold: int = 3):
+  ages = ["(0, 2)", "(25, 32)", "(60, 100)", "35", "None", "(38, 43)"]
+  for fold in range(5):
+    rows = [ADIENCE_HEADER]
+    for i in range(per_fold + 1):  # one extra row with a "None" age per fold
+      user = f"user{fold}"
+      orig = f"img{i}.jpg"
+      age = ages[4] if i == per_fold else ages[(fold + i) % 6 if (fold + i) % 6 != 4 else 0]
+      write_image(os.path.join(manual_dir, "aligned", user, f"landmark_aligned_face.{i}.{orig}"), fold * 10 + i)
+      rows.append(f"{user}\t{orig}\t{i}\t{age}\t{'mfu'[i % 3]}\t0\t0\t10\t10\t0\t0\t50")
+    open(os.path.join(manual_dir, f"fold_{fold}_data.txt"), "w").write("\n".join(rows) + "\n")
+
+
+def folder(manual_dir: str, n: int = 24, with_split: bool = True, size: int = 40):
+  rows = ["path,age,sigma,gender,race,split"]
+  for i in range(n):
+    rel = f"faces/{i:03d}.{'png' if i % 5 == 0 else 'jpg'}"
+    write_image(os.path.join(manual_dir, rel), i, size=size, fmt="PNG" if i % 5 == 0 else "JPEG")
+    split = ("train" if i % 4 else "test") if i % 8 else "validation"
+    rows.append(f"{rel},{5 + (i * 7) % 80},{0 if i % 2 else 2.5},{i % 2},{i % 5},{split if with_split else ''}")
+  open(os.path.join(manual_dir, "labels.csv"), "w").write("\n".join(rows) + "\n")
