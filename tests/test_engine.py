@@ -1,0 +1,184 @@
+"""End-to-end tests of train.py / evaluate.py and of the sharded, multi-host, resumable trainer.
+
+Each runs real processes on a tiny generated dataset; they take tens of seconds each.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from agejax.data import builders
+from tests import fakes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def env(devices=1, **extra):
+  e = dict(os.environ)
+  e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  e["JAX_PLATFORMS"] = "cpu"
+  e["PYTHONPATH"] = ROOT
+  e.update(extra)
+  return e
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("engine")
+  fakes.folder(str(d / "manual"), n=48, size=48)
+  b = builders.get_builder("folder", None, str(d / "data"))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(d / "manual")))
+  return str(d / "data")
+
+
+def run(args, devices=1, check=True, **kw):
+  p = subprocess.run([sys.executable] + args, cwd=ROOT, env=env(devices), capture_output=True, text=True,
+                     timeout=600, **kw)
+  if check and p.returncode != 0:
+    raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+  return p
+
+
+def smoke_args(workdir, data_dir, *extra):
+  return ["train.py", "--config", "configs/default.py:smoke", "--workdir", str(workdir),
+          "--config.dataset.name=folder", f"--config.dataset.data_dir={data_dir}", *extra]
+
+
+def load_params(path):
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def restore_params(workdir):
+  """Params of the latest checkpoint, read back with orbax (no config needed)."""
+  import orbax.checkpoint as ocp
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+  step = mgr.latest_step()
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mgr.close()
+  import jax
+  return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+                jax.tree_util.tree_leaves_with_path(restored["state"]["params"])}
+
+
+def test_smoke_train_then_evaluate_through_the_clis(tmp_path, data_dir):
+  wd = tmp_path / "run"
+  p = run(smoke_args(wd, data_dir))
+  assert "final validation MAE" in p.stdout
+  rows = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  train = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  assert all(np.isfinite(r["loss"]) and r["images_per_sec"] >= 0 for r in train)
+  assert any(r["split"] == "val" for r in rows)
+  assert os.listdir(wd / "tensorboard")
+  p = run(["evaluate.py", "--config", "configs/default.py:smoke", "--workdir", str(wd), "--split", "test",
+           "--config.dataset.name=folder", f"--config.dataset.data_dir={data_dir}", "--flip_tta"])
+  brief = json.loads(p.stdout.strip().splitlines()[-1])
+  assert brief["split"] == "test" and brief["n"] == 6 and brief["mae"] > 0
+  summary = json.load(open(wd / "eval" / "test.json"))
+  assert set(summary["cs"]) == {str(k) for k in range(11)} and summary["flip_tta"] is True
+  assert "epsilon_error" in summary  # the generated data has per-image sigma
+  lines = open(wd / "eval" / "test_predictions.csv").read().splitlines()
+  assert lines[0].startswith("file,true_age,predicted_age,predicted_std,top1") and len(lines) == 7
+  for fig in ("pred_vs_true", "per_group", "cs_curve", "examples"):
+    assert os.path.getsize(wd / "eval" / f"test_{fig}.png") > 1000
+  assert "MAE" in open(wd / "eval" / "test.md").read()
+
+
+def test_four_devices_match_one_device(tmp_path, data_dir):
+  run(["tests/run_steps.py", data_dir, str(tmp_path / "one.npz"), "3"], devices=1)
+  p = run(["tests/run_steps.py", data_dir, str(tmp_path / "four.npz"), "3"], devices=4)
+  assert "devices=4" in p.stdout
+  one, four = load_params(tmp_path / "one.npz"), load_params(tmp_path / "four.npz")
+  assert one.keys() == four.keys()
+  for k in one:
+    # Adam amplifies float reordering noise only where gradients are ~0: a few elements
+    # may differ by ~1e-4, the bulk must agree to float precision.
+    np.testing.assert_allclose(one[k], four[k], rtol=1e-3, atol=3e-4, err_msg=k)
+    assert np.mean(np.abs(one[k] - four[k])) < 1e-5 * max(1.0, np.mean(np.abs(one[k]))), k
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, data_dir):
+  run(["tests/run_steps.py", data_dir, str(tmp_path / "single.npz"), "3"], devices=4)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "tests/run_steps.py", data_dir, str(tmp_path / "multi.npz"), "3",
+                             "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
+                            cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, e[-4000:]
+    assert "devices=4 processes=2" in o
+  single, multi = load_params(tmp_path / "single.npz"), load_params(tmp_path / "multi.npz")
+  for k in single:
+    np.testing.assert_allclose(single[k], multi[k], rtol=1e-3, atol=3e-4, err_msg=k)
+    assert np.mean(np.abs(single[k] - multi[k])) < 1e-5 * max(1.0, np.mean(np.abs(single[k]))), k
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir):
+  extra = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=4", "--config.eval_every_epochs=100",
+           "--config.log_every_steps=1"]
+  run(smoke_args(tmp_path / "straight", data_dir, *extra))
+  wd = tmp_path / "killed"
+  p = subprocess.Popen([sys.executable] + smoke_args(wd, data_dir, *extra), cwd=ROOT, env=env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  ckpt = wd / "checkpoints"
+  # Kill once step 4 is committed and training is past step 5 (mid-way, possibly mid-save of step 8).
+  while time.time() < deadline:
+    steps = [r["step"] for r in map(json.loads, open(wd / "metrics.jsonl"))] if (wd / "metrics.jsonl").exists() else []
+    if ckpt.exists() and "4" in os.listdir(ckpt) and steps and max(steps) >= 6:
+      break
+    time.sleep(0.05)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert p.returncode == -signal.SIGKILL
+  run(smoke_args(wd, data_dir, *extra))
+  s1, a = restore_params(str(tmp_path / "straight"))
+  s2, b = restore_params(str(wd))
+  assert s1 == s2 == 12
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_config_typo_fails_before_computing(tmp_path, data_dir):
+  p = run(smoke_args(tmp_path / "x", data_dir, "--config.batch_sise=4"), check=False)
+  assert p.returncode != 0 and "batch_sise" in p.stderr
+  p = run(smoke_args(tmp_path / "x", data_dir, "--config.batch_size=four"), check=False)
+  assert p.returncode != 0 and "batch_size" in p.stderr
+  p = run(smoke_args(tmp_path / "x", data_dir, "--config.loss.name=dldl3"), check=False)
+  assert p.returncode == 1 and "Unknown loss 'dldl3'" in p.stderr
+  assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_missing_dataset_names_the_place(tmp_path):
+  p = run(["train.py", "--config", "configs/default.py:smoke", "--workdir", str(tmp_path / "w"),
+           f"--config.dataset.data_dir={tmp_path / 'nodata'}", f"--config.dataset.manual_dir={tmp_path / 'nofiles'}"],
+          check=False)
+  assert p.returncode == 1
+  assert "UTKFace.tar.gz" in p.stderr and str(tmp_path / "nofiles") in p.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+  wd = tmp_path / "nan"
+  p = run(smoke_args(wd, data_dir, "--config.num_train_steps=10", "--config.checkpoint_every_steps=3",
+                     "--config.debug_nan_step=4", "--config.eval_every_epochs=100"), check=False)
+  assert p.returncode == 1
+  assert "loss became nan at step 5" in p.stderr.lower() and "last good checkpoint is step 3" in p.stderr
+  step, params = restore_params(str(wd))
+  assert step == 3 and all(np.all(np.isfinite(v)) for v in params.values())
