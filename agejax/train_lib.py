@@ -136,7 +136,7 @@ def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
   params = optax.apply_updates(state.params, param_updates)
   pred = objectives.predict(objective, outputs, grid)
   metrics = {"loss": loss, "train_mae": jnp.mean(jnp.abs(pred["age"] - batch["age"])),
-             "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
   metrics.update({f"loss_{k}": v for k, v in parts.items()})
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=updates["batch_stats"],
                             opt_state=opt_state)

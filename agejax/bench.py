@@ -1,0 +1,104 @@
+"""Speed benchmark: images/s of a full training step and of inference, as JSON.
+
+    python -m agejax.bench --model tiny --size 64 --batch 64 --mode train
+    python -m agejax.bench --model thin --size 224 --batch 32 --mode infer --dtype bfloat16
+
+Training step = forward, DLDL-v2 loss, backward and Adam update, jitted with the
+state donated (what train.py runs, minus augmentation and data loading).
+Random inputs; warm-up steps first, then the median over --repeats windows of
+--steps steps each. FLOPs per image come from XLA's cost analysis of the
+compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from agejax import ldl, losses, models
+
+
+def make_steps(model, variables, batch: int, size: int):
+  grid = ldl.label_grid()
+  tx = optax.adam(1e-3, eps=1e-7)
+  state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
+           "opt": tx.init(variables["params"])}
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, 3))
+  ages = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 101).astype(jnp.float32)
+
+  def train(state, x, ages):
+    def loss_fn(params):
+      out, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x, train=True,
+                             mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+      return jnp.mean(losses.dldl_v2(out["age_logits"], ages, 2.0, grid)), upd
+    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "batch_stats": upd["batch_stats"], "opt": opt}, loss
+
+  def infer(state, x):
+    out = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x, train=False)
+    return ldl.expectation_from_logits(out["age_logits"], grid)
+
+  return state, x, ages, jax.jit(train, donate_argnums=(0,)), jax.jit(infer)
+
+
+def flops_of(jitted, *args) -> float | None:
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best effort across backends
+    return None
+
+
+def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: int, dtype: str) -> dict:
+  model = models.create(model_name, dtype=dtype)
+  variables = models.init(model, jax.random.PRNGKey(0), size)
+  state, x, ages, train, infer = make_steps(model, variables, batch, size)
+  if mode == "train":
+    flops = flops_of(train, state, x, ages)
+    step = lambda s: train(s, x, ages)[0]
+  else:
+    flops = flops_of(infer, state, x)
+    step = lambda s: (infer(s, x), s)[1]
+    out = infer(state, x)
+  for _ in range(2):
+    state = step(state)
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(steps):
+      state = step(state)
+      if mode == "infer":
+        out = infer(state, x)
+    jax.block_until_ready((state, out) if mode == "infer" else state)
+    rates.append(batch * steps / (time.perf_counter() - t))
+  return {"framework": "jax", "version": jax.__version__, "model": model_name, "mode": mode, "size": size,
+          "batch": batch, "dtype": dtype, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+          "params": models.count_params(variables["params"]),
+          "gflops_per_image": round(flops / batch / 1e9, 3) if flops else None,
+          "images_per_s": round(statistics.median(rates), 2)}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="tiny", choices=models.MODEL_NAMES)
+  ap.add_argument("--size", type=int, default=64)
+  ap.add_argument("--batch", type=int, default=64)
+  ap.add_argument("--mode", default="train", choices=["train", "infer"])
+  ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  a = ap.parse_args(argv)
+  print(json.dumps(run(a.model, a.size, a.batch, a.mode, a.steps, a.repeats, a.dtype)))
+
+
+if __name__ == "__main__":
+  main()

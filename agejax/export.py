@@ -1,0 +1,123 @@
+"""A trained model as a self-contained artifact: serialized StableHLO plus a small JSON.
+
+    export/model.jaxexport   jax.export of uint8 faces (b, S, S, 3) -> age, std, distribution
+                             [, gender and race probabilities], batch size symbolic,
+                             weights baked in, flip averaging inside
+    export/model.json        image size, label grid, preprocessing, heads, provenance
+
+`load(path)` needs only jax and numpy: no Flax, no config, no training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None) -> str:
+  """Write the artifact for a train state of `trainer` (a train_lib.Trainer) into out_dir."""
+  import jax
+  import jax.numpy as jnp
+  from jax import export as jax_export
+
+  from agejax import objectives
+  from agejax.data import augment
+
+  config = trainer.config
+  variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  model, objective, grid = trainer.model, trainer.objective, trainer.grid
+  size = config.image_size
+
+  def predict(images):
+    x = augment.normalize(images)
+    outs = [objectives.predict(objective, model.apply(variables, v, train=False), grid)
+            for v in (x, augment.flip(x))]
+    probs = (outs[0]["probs"] + outs[1]["probs"]) / 2
+    result = {"age": (outs[0]["age"] + outs[1]["age"]) / 2, "probs": probs, "std": (outs[0]["std"] + outs[1]["std"]) / 2}
+    for k in outs[0]:
+      if k.endswith("_probs") and k != "probs":
+        result[k] = (outs[0][k] + outs[1][k]) / 2
+    return result
+
+  b, = jax_export.symbolic_shape("b")
+  exp = jax_export.export(jax.jit(predict))(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "model.jaxexport"), "wb") as f:
+    f.write(exp.serialize())
+  meta = {
+      "format_version": FORMAT_VERSION, "image_size": size, "label_grid": np.asarray(grid).tolist(),
+      "input": "uint8 RGB face chips (b, S, S, 3), aligned like UTKFace (dlib 5-point get_face_chip, 200 px), "
+               "resized to S; normalisation is inside",
+      "outputs": sorted(exp.out_tree.unflatten([0] * exp.out_tree.num_leaves).keys()),
+      "model": config.model.name, "loss": config.loss.name, "dataset": config.dataset.name,
+      "gender": bool(config.model.gender), "race": bool(config.model.race),
+      "race_names": ["White", "Black", "Asian", "Indian", "Other"], "gender_names": ["male", "female"],
+      "chip": {"size": 200, "padding": CHIP_PADDING}, **(provenance or {})}
+  with open(os.path.join(out_dir, "model.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  return out_dir
+
+
+# dlib get_face_chip padding that puts the eyes ~80 px apart in a 200 px chip, as
+# in the mean UTKFace chip (eyes near (60, 58) and (140, 58)); padding 0.25 gives ~73 px.
+CHIP_PADDING = 0.185
+
+
+class ExportedModel:
+  """A loaded artifact: `predict(uint8 images) -> dict of numpy arrays`."""
+
+  def __init__(self, path: str):
+    from jax import export as jax_export
+    meta_path = os.path.join(path, "model.json")
+    blob_path = os.path.join(path, "model.jaxexport")
+    if not (os.path.exists(meta_path) and os.path.exists(blob_path)):
+      raise FileNotFoundError(f"{path}: not an exported agejax model (needs model.json and model.jaxexport).")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    with open(blob_path, "rb") as f:
+      self._exported = jax_export.deserialize(bytearray(f.read()))
+    self.image_size = int(self.meta["image_size"])
+    self.grid = np.asarray(self.meta["label_grid"], np.float32)
+
+  def predict(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    images = np.asarray(images, np.uint8)
+    if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f"expected uint8 images (b, {self.image_size}, {self.image_size}, 3), got {images.shape}.")
+    parts = [self._exported.call(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+def load(path: str) -> ExportedModel:
+  return ExportedModel(path)
+
+
+def main(argv=None):
+  """python -m agejax.export --config CONFIG --workdir DIR [--checkpoint best] [--out DIR/export]"""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  flags.DEFINE_string("workdir", None, "The training run.")
+  flags.DEFINE_string("checkpoint", "best", "best | last | a step number.")
+  flags.DEFINE_string("out", None, "Output folder (default WORKDIR/export).")
+  config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
+
+  def run(_):
+    from agejax import cli, evaluate_lib, train_lib
+    F = flags.FLAGS
+    cli.setup_jax(F.config)
+    trainer = train_lib.Trainer(F.config, F.workdir)
+    state = evaluate_lib.load_checkpoint(trainer, F.workdir, F.checkpoint)
+    out = export_state(trainer, state, F.out or os.path.join(F.workdir, "export"),
+                       {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))})
+    print(json.dumps({"exported": out}))
+
+  app.run(run, argv)
+
+
+if __name__ == "__main__":
+  main()

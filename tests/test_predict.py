@@ -1,0 +1,134 @@
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from agejax import evaluate_lib, export, faces, predict_lib, train_lib
+from agejax.data import builders
+from configs import default
+from tests import fakes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A smoke-trained multi-task model, its trainer and state, exported."""
+  d = tmp_path_factory.mktemp("export")
+  fakes.folder(str(d / "manual"), n=24, size=48)
+  b = builders.get_builder("folder", None, str(d / "data"))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(d / "manual")))
+  c = default.get_config("smoke,multitask")
+  c.dataset.name, c.dataset.data_dir = "folder", str(d / "data")
+  c.num_train_steps = 3
+  trainer = train_lib.Trainer(c)
+  state = trainer.init_state()
+  it = trainer.train_iterator()
+  for _ in range(3):
+    state, _ = trainer.train_step(state, trainer.global_batch(next(it)))
+  path = export.export_state(trainer, state, str(d / "export"))
+  return trainer, state, path
+
+
+def test_exported_model_matches_the_checkpoint(exported):
+  trainer, state, path = exported
+  model = export.load(path)
+  assert model.meta["gender"] and model.meta["race"] and model.image_size == 32
+  preds = trainer.predict_split(state, "test")  # flip-averaged, as the export
+  src = trainer.builder.as_data_source("test")
+  from agejax.data.pipeline import decode_face
+  imgs = np.stack([decode_face(src[int(i)]["image"], 32) for i in preds["index"]])
+  out = model.predict(imgs, batch_size=4)  # several calls, symbolic batch
+  np.testing.assert_allclose(out["age"], preds["pred_age"], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out["std"], preds["pred_std"], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out["race_probs"], preds["pred_race_probs"], atol=1e-5)
+  with pytest.raises(ValueError, match="expected uint8 images"):
+    model.predict(np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def _save(path, img, **kw):
+  img.save(path, **kw)
+  return str(path)
+
+
+def test_read_photo_handles_modes_rotation_and_bad_files(tmp_path, monkeypatch):
+  wide = Image.new("RGB", (60, 30), (200, 10, 10))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+  rotated = faces.read_photo(_save(tmp_path / "rot.jpg", wide, exif=exif.tobytes()))
+  assert rotated.shape == (60, 30, 3)
+  assert faces.read_photo(_save(tmp_path / "g.png", Image.new("L", (20, 10), 128))).shape == (10, 20, 3)
+  rgba = faces.read_photo(_save(tmp_path / "a.png", Image.new("RGBA", (8, 8), (0, 0, 0, 0))))
+  assert rgba.shape == (8, 8, 3) and rgba.min() == 255  # transparent -> white background
+  (tmp_path / "notes.jpg").write_text("not an image")
+  with pytest.raises(faces.PhotoError, match="notes.jpg: not a readable image"):
+    faces.read_photo(str(tmp_path / "notes.jpg"))
+  with pytest.raises(faces.PhotoError, match="no such file"):
+    faces.read_photo(str(tmp_path / "missing.jpg"))
+  monkeypatch.setattr(faces, "MAX_PIXELS", 100)
+  with pytest.raises(faces.PhotoError, match="over the 100 limit"):
+    faces.read_photo(str(tmp_path / "rot.jpg"))
+
+
+def test_predict_files_goes_on_after_bad_files(exported, tmp_path):
+  _, _, path = exported
+  model = export.load(path)
+  fakes.write_image(str(tmp_path / "in" / "a.jpg"), 1, size=50)
+  (tmp_path / "in" / "b.jpg").write_bytes(b"\x00" * 10)
+  _save(tmp_path / "in" / "c.png", Image.new("LA", (40, 50), (90, 255)))
+  files = predict_lib.expand_paths([str(tmp_path / "in")])
+  recs = list(predict_lib.predict_files(model, files, aligned=True))
+  assert [os.path.basename(r["file"]) for r in recs] == ["a.jpg", "b.jpg", "c.png"]
+  assert "error" in recs[1] and "not a readable image" in recs[1]["error"]
+  for r in (recs[0], recs[2]):
+    f = r["faces"][0]
+    assert f["interval90"][0] <= f["age"] <= f["interval90"][1] + 1
+    assert f["gender"]["label"] in ("male", "female") and 0 <= f["race"]["prob"] <= 1
+
+
+def test_predict_cli_json_and_annotate(exported, tmp_path):
+  _, _, path = exported
+  fakes.write_image(str(tmp_path / "x.jpg"), 3, size=64)
+  (tmp_path / "bad.jpg").write_text("nope")
+  p = subprocess.run([sys.executable, "predict.py", "--model", path, "--aligned", "--json", "--annotate",
+                      str(tmp_path / "ann"), str(tmp_path / "x.jpg"), str(tmp_path / "bad.jpg")],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  lines = [json.loads(l) for l in p.stdout.splitlines()]
+  assert len(lines[0]["faces"]) == 1 and "error" in lines[1]
+  assert "bad.jpg: not a readable image" in p.stderr
+  assert Image.open(tmp_path / "ann" / "x.jpg").size == (64, 64)
+
+
+dlib = pytest.importorskip("dlib", reason="faces extra not installed")
+
+
+def test_astronaut_one_face_no_face_empty(exported):
+  from skimage import data
+  aligner = faces.FaceAligner()
+  found = aligner(data.astronaut())
+  assert len(found) == 1
+  l, t, r, b = found[0].box
+  assert 150 < l < 200 and 50 < t < 110 and found[0].chip.shape == (200, 200, 3)
+  assert aligner(np.full((300, 300, 3), 128, np.uint8)) == []
+  assert aligner(data.coffee()) == []
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(predict_lib.DEFAULT_MODEL, "model.json")),
+                    reason="bundled model not present")
+def test_bundled_model_gives_plausible_age_for_astronaut(tmp_path):
+  from skimage import data
+  Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+  p = subprocess.run([sys.executable, "predict.py", "--json", str(tmp_path / "astronaut.png")], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  rec = json.loads(p.stdout.splitlines()[0])
+  assert len(rec["faces"]) == 1
+  assert 20 <= rec["faces"][0]["age"] <= 60  # Eileen Collins was about 35-40 in that NASA portrait
