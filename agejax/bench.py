@@ -1,7 +1,8 @@
-"""Speed benchmark: images/s of a full training step and of inference, as JSON.
+"""Speed benchmark: images/s of a full training step, of inference, or of the input pipeline, as JSON.
 
     python -m agejax.bench --model tiny --size 64 --batch 64 --mode train
     python -m agejax.bench --model thin --size 224 --batch 32 --mode infer --dtype bfloat16
+    python -m agejax.bench --mode pipeline --dataset utkface --size 64 --workers 2
 
 Training step = forward, DLDL-v2 loss, backward and Adam update, jitted with the
 state donated (what train.py runs, minus augmentation and data loading).
@@ -87,16 +88,41 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
           "images_per_s": round(statistics.median(rates), 2)}
 
 
+def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: int, data_dir: str | None) -> dict:
+  """Images/s the grain pipeline delivers (decode + resize + batch), after the first batch."""
+  from agejax.data import builders, pipeline
+  builder = builders.get_builder(dataset, None, data_dir)
+  if not builder.is_prepared():
+    raise SystemExit(f"error: build {dataset} first: python -m agejax.data.build {dataset} --manual_dir DIR")
+  source = builder.as_data_source("train")
+  it = pipeline.train_iterator(source, size=size, global_batch=batch, seed=0, workers=workers,
+                               process_index=0, process_count=1)
+  next(it)
+  t = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  rate = batch * batches / (time.perf_counter() - t)
+  return {"mode": "pipeline", "dataset": dataset, "size": size, "batch": batch, "workers": workers,
+          "images_per_s": round(rate, 1)}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default="tiny", choices=models.MODEL_NAMES)
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--mode", default="train", choices=["train", "infer"])
+  ap.add_argument("--mode", default="train", choices=["train", "infer", "pipeline"])
+  ap.add_argument("--dataset", default="utkface", help="pipeline mode: a built dataset")
+  ap.add_argument("--data_dir", default=None, help="pipeline mode: where datasets are built")
+  ap.add_argument("--workers", type=int, default=0, help="pipeline mode: grain worker processes")
+  ap.add_argument("--batches", type=int, default=40, help="pipeline mode: batches timed")
   ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   a = ap.parse_args(argv)
+  if a.mode == "pipeline":
+    print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))
+    return
   print(json.dumps(run(a.model, a.size, a.batch, a.mode, a.steps, a.repeats, a.dtype)))
 
 

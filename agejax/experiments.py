@@ -1,0 +1,143 @@
+"""Experiment suites: several train + evaluate runs under one protocol, and their results table.
+
+    python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu            # every run of the suite
+    python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --only dldl_v2 --seeds 1
+    python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --table_only
+
+Each run is `train.py` then `evaluate.py --split test` in its own sub-folder, so
+an interrupted suite resumes where it stopped (finished runs are skipped,
+half-finished ones resume from their checkpoint). The table (results.md and
+results.json in --workdir) is rebuilt from the runs' eval/*.json files, so
+every figure in it was produced by a command.
+
+utkface_cpu: TinyAgeNet at 64x64 on 2 CPU cores (the `cpu` schedule, ~30-45 min a
+run), DLDL-v2's augmentation, flip-averaged test predictions. Rows: the loss
+family on the duplicate-safe split; multi-task (age + gender + race) with and
+without MSA on a ResNet-18 trunk; DLDL-v2 on the CORAL 2019 split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (config argument, description)
+SUITES = {
+    "utkface_cpu": {
+        "dldl_v2": ("configs/utkface.py:tiny,cpu,dldl_v2", "DLDL-v2 (KL + L1 on the expectation)"),
+        "dldl": ("configs/utkface.py:tiny,cpu,dldl", "DLDL (KL only)"),
+        "dex": ("configs/utkface.py:tiny,cpu,dex", "DEX (cross-entropy, expectation)"),
+        "mean_variance": ("configs/utkface.py:tiny,cpu,mean_variance", "Mean-variance"),
+        "coral": ("configs/utkface.py:tiny,cpu,coral", "CORAL"),
+        "l1": ("configs/utkface.py:tiny,cpu,l1", "L1 regression"),
+        "gaussian_nll": ("configs/utkface.py:tiny,cpu,gaussian_nll", "Gaussian NLL (MTMSA's Dirac-Gaussian KL)"),
+        "multitask": ("configs/utkface.py:resnet18,cpu,multitask", "ResNet-18, age + gender + race"),
+        "multitask_msa": ("configs/utkface.py:resnet18,cpu,multitask --config.model.msa_stages=(3,4)",
+                          "ResNet-18 + MSA, age + gender + race"),
+        "coral2019_dldl_v2": ("configs/utkface.py:coral2019,tiny,cpu,dldl_v2", "DLDL-v2, CORAL 2019 split (21-60)"),
+    },
+}
+
+
+def run_dir(workdir: str, name: str, seed: int) -> str:
+  return os.path.join(workdir, f"{name}_seed{seed}")
+
+
+def run_one(config_arg: str, wd: str, seed: int) -> dict:
+  """Train (resuming) and evaluate one run; returns its test summary."""
+  summary_path = os.path.join(wd, "eval", "test.json")
+  if os.path.exists(summary_path):
+    return json.load(open(summary_path))
+  config, *overrides = config_arg.split(" ")
+  common = ["--config", config, "--workdir", wd, f"--config.seed={seed}", *overrides]
+  t0 = time.time()
+  subprocess.run([sys.executable, "train.py", *common], cwd=ROOT, check=True)
+  train_s = time.time() - t0
+  subprocess.run([sys.executable, "evaluate.py", *common, "--split", "test"], cwd=ROOT, check=True)
+  s = json.load(open(summary_path))
+  with open(os.path.join(wd, "timing.json"), "w") as f:
+    json.dump({"train_seconds": train_s, "total_seconds": time.time() - t0}, f)
+  return s
+
+
+def _fmt(values, digits=2):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def build_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
+  rows = []
+  for name, (config_arg, desc) in SUITES[suite].items():
+    runs = []
+    for entry in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+      if entry.startswith(f"{name}_seed") and os.path.exists(os.path.join(workdir, entry, "eval", "test.json")):
+        s = json.load(open(os.path.join(workdir, entry, "eval", "test.json")))
+        t = os.path.join(workdir, entry, "timing.json")
+        s["minutes"] = json.load(open(t))["total_seconds"] / 60 if os.path.exists(t) else None
+        runs.append(s)
+    if not runs:
+      continue
+    rows.append({
+        "name": name, "description": desc, "command_config": config_arg, "seeds": len(runs),
+        "mae": [r["mae"] for r in runs], "cs5": [r["cs"]["5"] for r in runs],
+        "clean_mae": [r.get("clean", {}).get("mae") for r in runs],
+        "gender_accuracy": [r.get("gender_accuracy") for r in runs],
+        "race_accuracy": [r.get("race_accuracy") for r in runs],
+        "minutes": [r["minutes"] for r in runs]})
+  lines = [f"# {suite}: test results", "",
+           "| run | seeds | test MAE | CS@5 | clean MAE | gender acc | race acc | minutes/run |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['description']} | {r['seeds']} | {_fmt(r['mae'])} | {_fmt(r['cs5'], 3)} | "
+                 f"{_fmt(r['clean_mae'])} | {_fmt(r['gender_accuracy'], 3)} | {_fmt(r['race_accuracy'], 3)} | "
+                 f"{_fmt(r['minutes'], 0)} |")
+  return "\n".join(lines) + "\n", rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("suite", choices=sorted(SUITES))
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--seeds", type=int, default=3)
+  ap.add_argument("--only", nargs="*", help="run only these entries of the suite")
+  ap.add_argument("--table_only", action="store_true")
+  ap.add_argument("--manual_dir", help="folder with the dataset's files (default: the config's)")
+  a = ap.parse_args(argv)
+  entries = SUITES[a.suite]
+  unknown = set(a.only or []) - set(entries)
+  if unknown:
+    ap.error(f"unknown entries {sorted(unknown)}; the suite has {sorted(entries)}")
+  if not a.table_only:
+    for seed in range(a.seeds):
+      for name, (config_arg, _) in entries.items():
+        if a.only and name not in a.only:
+          continue
+        if a.manual_dir:
+          config_arg += f" --config.dataset.manual_dir={os.path.abspath(a.manual_dir)}"
+        try:
+          run_one(config_arg, run_dir(a.workdir, name, seed), seed)
+        except subprocess.CalledProcessError as e:
+          print(f"error: run {name} (seed {seed}) failed with exit code {e.returncode}; see the message above.",
+                file=sys.stderr)
+          return 1
+  table, rows = build_table(a.suite, a.workdir)
+  os.makedirs(a.workdir, exist_ok=True)
+  open(os.path.join(a.workdir, "results.md"), "w").write(table)
+  json.dump(rows, open(os.path.join(a.workdir, "results.json"), "w"), indent=2)
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
