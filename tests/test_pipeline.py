@@ -121,3 +121,19 @@ def test_rotation_keeps_the_centre_and_rescale_blurs():
   smooth = jnp.asarray(np.random.RandomState(1).rand(1, 32, 32, 3) * 255)
   res = augment.augment(jax.random.PRNGKey(3), smooth, {**OFF, "rescale": True})
   assert float(jnp.std(res)) < float(jnp.std(augment.normalize(smooth)))
+
+
+def test_preview_contact_sheet_cli(tmp_path):
+  import os, subprocess, sys
+  from PIL import Image
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  fakes.folder(str(tmp_path / "m"), n=16, with_split=False)
+  out = tmp_path / "sheet.png"
+  p = subprocess.run([sys.executable, "-m", "agejax.data.preview", "--config", "configs/default.py:smoke",
+                      "--config.dataset.name=folder", f"--config.dataset.manual_dir={tmp_path / 'm'}",
+                      f"--config.dataset.data_dir={tmp_path / 'd'}", "--rows", "2", "--cols", "4", "--out", str(out)],
+                     cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "wrote" in p.stdout and "8 augmented samples" in p.stdout
+  w, h = Image.open(out).size
+  assert w > 400 and h > 200
