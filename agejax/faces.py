@@ -89,3 +89,54 @@ def whole_image_face(rgb: np.ndarray) -> Face:
   top, left = (h - s) // 2, (w - s) // 2
   chip = rgb[top:top + s, left:left + s]
   return Face((left, top, left + s, top + s), 1.0, chip)
+
+
+def calibrate_padding(archive: str, count: int = 60, paddings=(0.15, 0.185, 0.19, 0.2, 0.25)) -> dict:
+  """Eye positions of UTKFace chips and of the same chips re-aligned at each padding.
+
+  The padding whose eye distance and height match the originals' reproduces
+  UTKFace's framing for new photos.
+  """
+  import io
+  import tarfile
+
+  aligner = FaceAligner()
+
+  def eyes(img):
+    rects = aligner.detector(img, 1)
+    if len(rects) != 1:
+      return None, None
+    s = aligner.predictor(img, rects[0])
+    pts = np.array([[s.part(i).x, s.part(i).y] for i in range(5)], float)
+    return np.array([pts[0:2].mean(0), pts[2:4].mean(0)]), s
+
+  orig, per_pad = [], {p: [] for p in paddings}
+  with tarfile.open(archive) as tar:
+    for m in tar:
+      if len(orig) >= count:
+        break
+      if not m.isfile():
+        continue
+      img = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+      e, shape = eyes(img)
+      if e is None:
+        continue
+      orig.append(e)
+      for p in paddings:
+        chip = np.asarray(aligner.dlib.get_face_chip(img, shape, size=200, padding=p))
+        e2, _ = eyes(chip)
+        if e2 is not None:
+          per_pad[p].append(e2)
+
+  def describe(v):
+    v = np.asarray(v)
+    return {"eye_distance": round(float(np.linalg.norm(v[:, 0] - v[:, 1], axis=1).mean()), 1),
+            "eye_height": round(float(v[:, :, 1].mean()), 1)}
+
+  return {"utkface": describe(orig), "n": len(orig), **{str(p): describe(v) for p, v in per_pad.items()}}
+
+
+if __name__ == "__main__":
+  import json
+  import sys
+  print(json.dumps(calibrate_padding(sys.argv[1])))
