@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITES = {
     "utkface_cpu": {
         "dldl_v2": ("configs/utkface.py:tiny,cpu,dldl_v2", "DLDL-v2 (KL + L1 on the expectation)"),
+        "dldl_v2_flip_only": ("configs/utkface.py:tiny,cpu,dldl_v2,flip_only", "DLDL-v2, flip-only augmentation"),
         "dldl": ("configs/utkface.py:tiny,cpu,dldl", "DLDL (KL only)"),
         "dex": ("configs/utkface.py:tiny,cpu,dex", "DEX (cross-entropy, expectation)"),
         "mean_variance": ("configs/utkface.py:tiny,cpu,mean_variance", "Mean-variance"),

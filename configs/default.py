@@ -8,7 +8,8 @@ string after ":" on the command line is a comma-separated list of variants:
             ranking_bce, coral, corn, l1, l2, gaussian_nll)
   schedule: smoke (seconds; tests) | cpu (TinyAgeNet at 64 px, useful within an
             hour on 2 CPU cores) | the paper's (default)
-  two_stage: the official code's KL-only first stage, then KL + L1
+  two_stage: the official code's KL-only first stage, then KL + L1 (put it after the schedule)
+  flip_only: horizontal flips as the only augmentation
 e.g. `--config configs/chalearn16.py:tiny,cpu`.
 """
 
@@ -88,11 +89,16 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.workers = 0
     elif token == "two_stage":
       c.loss.stage1_epochs = max(1, c.num_epochs // 2)
+    elif token == "flip_only":         # the plain baseline's augmentation (docs/RESULTS.md)
+      c.augment.grayscale = 0.0
+      c.augment.rescale = False
+      c.augment.rotate = 0.0
+      c.augment.color_jitter = 0.0
     elif token == "bf16":
       c.model.dtype = "bfloat16"
     else:
       raise ValueError(f"Unknown config variant {token!r}: use a model {MODELS}, a loss {LOSSES}, "
-                       "or smoke / cpu / two_stage / multitask / bf16.")
+                       "or smoke / cpu / flip_only / two_stage / multitask / bf16.")
   return c
 
 
