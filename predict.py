@@ -28,6 +28,8 @@ flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into
 
 def main(argv):
   paths = argv[1:]
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
   if not paths:
     raise app.UsageError("Name at least one photo or folder.")
   from tqdm import tqdm

@@ -70,6 +70,9 @@ def train_iterator(source, *, size: int, global_batch: int, seed: int, workers: 
   ds = ds[pi::pc].map(Decode(size)).batch(global_batch // pc, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=4))
   if workers:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
   return iter(it)
 
