@@ -1,4 +1,4 @@
-import io
+import importlib.util
 import json
 import os
 import subprocess
@@ -107,10 +107,11 @@ def test_predict_cli_json_and_annotate(exported, tmp_path):
   assert Image.open(tmp_path / "ann" / "x.jpg").size == (64, 64)
 
 
-dlib = pytest.importorskip("dlib", reason="faces extra not installed")
+HAS_DLIB = importlib.util.find_spec("dlib") is not None
 
 
-def test_astronaut_one_face_no_face_empty(exported):
+@pytest.mark.skipif(not HAS_DLIB, reason="faces extra not installed")
+def test_astronaut_one_face_no_face_empty():
   from skimage import data
   aligner = faces.FaceAligner()
   found = aligner(data.astronaut())
@@ -121,8 +122,8 @@ def test_astronaut_one_face_no_face_empty(exported):
   assert aligner(data.coffee()) == []
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(predict_lib.DEFAULT_MODEL, "model.json")),
-                    reason="bundled model not present")
+@pytest.mark.skipif(not HAS_DLIB or not os.path.exists(os.path.join(predict_lib.DEFAULT_MODEL, "model.json")),
+                    reason="faces extra or bundled model not present")
 def test_bundled_model_gives_plausible_age_for_astronaut(tmp_path):
   from skimage import data
   Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
@@ -132,3 +133,9 @@ def test_bundled_model_gives_plausible_age_for_astronaut(tmp_path):
   rec = json.loads(p.stdout.splitlines()[0])
   assert len(rec["faces"]) == 1
   assert 20 <= rec["faces"][0]["age"] <= 60  # Eileen Collins was about 35-40 in that NASA portrait
+
+
+def test_missing_faces_extra_names_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now raises ImportError
+  with pytest.raises(ImportError, match=r"pip install 'agejax\[faces\]'"):
+    faces.FaceAligner()
