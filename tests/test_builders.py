@@ -193,3 +193,21 @@ def test_interrupted_build_then_rebuild(tmp_path):
 def test_missing_dataset_says_where_to_put_files(tmp_path):
   with pytest.raises(builders.DatasetNotFoundError, match=r"missing UTKFace.tar.gz.*python -m agejax.data.build utkface"):
     builders.ensure_built("utkface", None, str(tmp_path / "d"), str(tmp_path / "empty"))
+
+
+def test_build_command_reports_counts_and_skips(tmp_path):
+  import json
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  fakes.folder(str(tmp_path / "m"), n=8, with_split=False)
+  open(tmp_path / "m" / "faces/001.jpg", "wb").write(b"broken")
+  args = [sys.executable, "-m", "agejax.data.build", "folder", f"--manual_dir={tmp_path / 'm'}",
+          f"--data_dir={tmp_path / 'd'}"]
+  p = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1 and "labels.csv:3" in p.stderr and "not a readable image" in p.stderr
+  p = subprocess.run(args + ["--skip_bad"], cwd=root, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  summary = json.loads(p.stdout.strip().splitlines()[-1])
+  assert summary["splits"] == {"train": 7} and summary["skipped"] == 1
+  assert "skipped: labels.csv:3" in p.stderr
