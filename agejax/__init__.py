@@ -5,3 +5,6 @@ from agejax.ldl import (central_interval, cumulative, distribution_std, expectat
                         nearest_label_index, quantile, ranking_targets)
 
 __version__ = "0.1.0"
+
+__all__ = ["central_interval", "cumulative", "distribution_std", "expectation", "expectation_from_logits",
+           "gaussian_label_distribution", "label_grid", "nearest_label_index", "quantile", "ranking_targets"]

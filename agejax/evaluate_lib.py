@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from typing import Any
@@ -201,7 +200,6 @@ def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "
              flip_tta: bool | None = None, num_examples: int = 8) -> dict[str, Any]:
   """Evaluate a trained model on a split and write the report files under workdir/eval."""
   import jax
-  from PIL import Image
   from agejax import train_lib
   from agejax.data.pipeline import decode_face
 

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Any
 
 import flax

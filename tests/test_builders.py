@@ -1,5 +1,3 @@
-import csv
-import io
 import os
 
 import numpy as np

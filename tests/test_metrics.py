@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import ldl, metrics
+from agejax import metrics
 
 
 def test_mae_cs_epsilon():

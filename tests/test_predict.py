@@ -4,13 +4,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from agejax import evaluate_lib, export, faces, predict_lib, train_lib
+from agejax import export, faces, predict_lib, train_lib
 from agejax.data import builders
 from configs import default
 from tests import fakes
