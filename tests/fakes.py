@@ -98,3 +98,13 @@ def folder(manual_dir: str, n: int = 24, with_split: bool = True, size: int = 40
     split = ("train" if i % 4 else "test") if i % 8 else "validation"
     rows.append(f"{rel},{5 + (i * 7) % 80},{0 if i % 2 else 2.5},{i % 2},{i % 5},{split if with_split else ''}")
   open(os.path.join(manual_dir, "labels.csv"), "w").write("\n".join(rows) + "\n")
+
+
+def built_folder(root, n: int = 24, size: int = 40, with_split: bool = True):
+  """A prepared `folder` dataset under root/data from images generated in root/manual; returns the builder."""
+  import tensorflow_datasets as tfds
+  from agejax.data import builders
+  folder(os.path.join(str(root), "manual"), n=n, with_split=with_split, size=size)
+  b = builders.get_builder("folder", None, os.path.join(str(root), "data"))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.path.join(str(root), "manual")))
+  return b

@@ -13,9 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
-
-from agejax.data import builders
 from tests import fakes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +31,7 @@ def env(devices=1, **extra):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("engine")
-  fakes.folder(str(d / "manual"), n=48, size=48)
-  b = builders.get_builder("folder", None, str(d / "data"))
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(d / "manual")))
+  fakes.built_folder(d, n=48, size=48)
   return str(d / "data")
 
 

@@ -2,19 +2,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from agejax.data import augment, builders, pipeline
+from agejax.data import augment, pipeline
 from tests import fakes
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-  d = tmp_path_factory.mktemp("folder")
-  fakes.folder(str(d / "m"), n=24, with_split=False)
-  b = builders.get_builder("folder", None, str(d / "data"))
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(d / "m")))
-  return b.as_data_source("train")
+  return fakes.built_folder(tmp_path_factory.mktemp("folder"), n=24, with_split=False).as_data_source("train")
 
 
 def _take(it, n):

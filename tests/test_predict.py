@@ -6,11 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from agejax import export, faces, predict_lib, train_lib
-from agejax.data import builders
 from configs import default
 from tests import fakes
 
@@ -21,9 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def exported(tmp_path_factory):
   """A smoke-trained multi-task model, its trainer and state, exported."""
   d = tmp_path_factory.mktemp("export")
-  fakes.folder(str(d / "manual"), n=24, size=48)
-  b = builders.get_builder("folder", None, str(d / "data"))
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(d / "manual")))
+  fakes.built_folder(d, n=24, size=48)
   c = default.get_config("smoke,multitask")
   c.dataset.name, c.dataset.data_dir = "folder", str(d / "data")
   c.num_train_steps = 3
