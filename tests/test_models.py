@@ -127,3 +127,40 @@ def test_objective_predictions_consistent():
   o = objectives.predict(objectives.get("coral"), {"age_logits": jnp.where(jnp.arange(100) < 40, 5.0, -5.0)[None]}, grid)
   np.testing.assert_allclose(o["age"], [40.0])
   np.testing.assert_allclose(grid[jnp.argmax(o["probs"][0])], 40.0)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 3), (2, 7, 9, 5)])
+def test_max_pool_2x2_matches_flax(shape):
+  import flax.linen as nn
+  from agejax.models import vgg
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)  # continuous: no tied maxima
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(vgg.max_pool_2x2(x), ref(x))
+  g = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  np.testing.assert_allclose(g(vgg.max_pool_2x2), g(ref), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_flax(dtype):
+  """Same variables, outputs, running statistics and gradients as nn.BatchNorm."""
+  import flax.linen as nn
+  from agejax.models.batch_norm import BatchNorm
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 5, 5, 6)) * 3 + 1
+  results = []
+  for cls in (nn.BatchNorm, BatchNorm):
+    m = cls(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    v = m.init(jax.random.PRNGKey(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), v["params"])
+
+    def f(p, x):
+      return m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+    y, upd = f(params, x)
+    grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x)[0].astype(jnp.float32))), argnums=(0, 1))(params, x)
+    y_eval = m.clone(use_running_average=True).apply({"params": params, **upd}, x)
+    results.append((jax.tree.map(jnp.shape, v), y, upd, grads, y_eval))
+  (shapes_a, *a), (shapes_b, *b) = results
+  assert shapes_a == shapes_b
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert u.dtype == w.dtype
+    np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol * 10)

@@ -31,3 +31,24 @@ def test_experiment_table_aggregates_seeds(tmp_path):
   assert "| 0.900 |" in table
   assert experiments.main(["utkface_cpu", "--workdir", str(tmp_path), "--table_only"]) == 0
   assert os.path.exists(tmp_path / "results.md")
+
+
+def test_xla_cpu_defaults_respect_the_user():
+  from agejax import xla_cpu
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  assert xla_cpu.apply_defaults(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4", *xla_cpu.DEFAULT_FLAGS]
+  assert not xla_cpu.apply_defaults(env)  # idempotent
+  mine = {"XLA_FLAGS": f"{xla_cpu.YNN_FLAG}=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+  assert not xla_cpu.apply_defaults(mine) and xla_cpu.YNN_FLAG + "=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION" == mine["XLA_FLAGS"]
+  off = {"AGEJAX_XLA_DEFAULTS": "0"}
+  assert not xla_cpu.apply_defaults(off) and "XLA_FLAGS" not in off
+  empty = {}
+  assert xla_cpu.apply_defaults(empty) and empty["XLA_FLAGS"] == " ".join(xla_cpu.DEFAULT_FLAGS)
+
+
+def test_xla_cpu_defaults_are_live_in_this_process():
+  """agejax's import set the flag before JAX made its CPU client (tests import agejax first)."""
+  import os
+  from agejax import xla_cpu
+  assert xla_cpu.YNN_FLAG in os.environ.get("XLA_FLAGS", "")

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from agejax.models.batch_norm import BatchNorm
+
 from agejax.models.vgg import conv_init
 
 
@@ -39,7 +41,7 @@ class MultiScaleAttention(nn.Module):
   def __call__(self, x, train: bool = False):
     channels = x.shape[-1]
     hidden = max(channels // self.reduction, 8)
-    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    bn = lambda: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     h = nn.relu(bn()(nn.Conv(hidden, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)))
     scales = []
     for rate in self.rates:

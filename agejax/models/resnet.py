@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from agejax.models.batch_norm import BatchNorm
+
 from agejax.models.attention import MultiScaleAttention
 from agejax.models.vgg import conv_init
 
@@ -25,7 +27,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    bn = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    bn = lambda **kw: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                    dtype=self.dtype, **kw)
     conv = lambda f, k, s, p: nn.Conv(f, (k, k), (s, s), padding=p, use_bias=False,
                                       kernel_init=conv_init, dtype=self.dtype)
@@ -49,7 +51,7 @@ class ResNetTrunk(nn.Module):
   def __call__(self, x, train: bool = False, return_map: bool = False):
     x = x.astype(self.dtype)
     x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x))
+    x = nn.relu(BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
