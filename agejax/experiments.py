@@ -10,8 +10,8 @@ half-finished ones resume from their checkpoint). The table (results.md and
 results.json in --workdir) is rebuilt from the runs' eval/*.json files, so
 every figure in it was produced by a command.
 
-utkface_cpu: TinyAgeNet at 64x64 on 2 CPU cores (the `cpu` schedule, ~75 min a
-run), DLDL-v2's augmentation, flip-averaged test predictions. Rows: the loss
+utkface_cpu: TinyAgeNet at 64x64 on 2 CPU cores (the `cpu` schedule: 12 epochs,
+about 30-40 min a run), DLDL-v2's augmentation, flip-averaged test predictions. Rows: the loss
 family on the duplicate-safe split; multi-task (age + gender + race) with and
 without MSA on a ResNet-18 trunk; DLDL-v2 on the CORAL 2019 split.
 """

@@ -130,14 +130,18 @@ def test_objective_predictions_consistent():
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 8, 3), (2, 7, 9, 5)])
-def test_max_pool_2x2_matches_flax(shape):
+@pytest.mark.parametrize("pool", ["2x2", "3x3_s2"])
+def test_max_pools_match_flax(shape, pool):
   import flax.linen as nn
-  from agejax.models import vgg
+  from agejax.models import pooling
   x = jax.random.normal(jax.random.PRNGKey(0), shape)  # continuous: no tied maxima
-  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
-  np.testing.assert_array_equal(vgg.max_pool_2x2(x), ref(x))
+  if pool == "2x2":
+    mine, ref = pooling.max_pool_2x2, lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  else:
+    mine, ref = pooling.max_pool_3x3_s2, lambda x: nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+  np.testing.assert_array_equal(mine(x), ref(x))
   g = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
-  np.testing.assert_allclose(g(vgg.max_pool_2x2), g(ref), rtol=1e-6)
+  np.testing.assert_allclose(g(mine), g(ref), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

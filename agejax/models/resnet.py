@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from agejax.models.batch_norm import BatchNorm
+from agejax.models.pooling import max_pool_3x3_s2
 
 from agejax.models.attention import MultiScaleAttention
 from agejax.models.vgg import conv_init
@@ -52,7 +53,7 @@ class ResNetTrunk(nn.Module):
     x = x.astype(self.dtype)
     x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
     x = nn.relu(BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool_3x3_s2(x)
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
         x = BasicBlock(64 * 2 ** i, strides=2 if (i > 0 and j == 0) else 1, dtype=self.dtype)(x, train)

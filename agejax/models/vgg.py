@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from agejax.models.batch_norm import BatchNorm
+from agejax.models.pooling import max_pool_2x2
 
 # Conv widths of VGG-16; "M" is a 2x2/2 max-pool.
 VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -22,18 +23,6 @@ VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"
 # He-normal over fan-out, as the official code (kaiming_normal_, mode="fan_out").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-
-def max_pool_2x2(x):
-  """2x2/2 max-pool (floor mode) as a reshape and a max over the two window axes.
-
-  Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, but its gradient is a
-  compare-and-select instead of XLA's select-and-scatter, which on XLA:CPU took
-  131 ms of a 580 ms TinyAgeNet step at 64 px (against 28 ms this way). With tied
-  maxima the gradient is split evenly among them rather than given to the first.
-  """
-  n, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class VGGTrunk(nn.Module):
