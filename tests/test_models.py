@@ -156,7 +156,7 @@ def test_batch_norm_matches_flax(dtype):
     v = m.init(jax.random.PRNGKey(1), x)
     params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), v["params"])
 
-    def f(p, x):
+    def f(p, x, m=m, v=v):
       return m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
     y, upd = f(params, x)
     grads = jax.grad(lambda p, x: jnp.sum(jnp.sin(f(p, x)[0].astype(jnp.float32))), argnums=(0, 1))(params, x)
