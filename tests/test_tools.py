@@ -52,3 +52,21 @@ def test_xla_cpu_defaults_are_live_in_this_process():
   import os
   from agejax import xla_cpu
   assert xla_cpu.YNN_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+def test_suite_entries_configure_what_their_names_say():
+  """Variant order matters (`cpu` sets the model): each entry must train what its row claims."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("utk_cfg", os.path.join(experiments.ROOT, "configs", "utkface.py"))
+  cfg_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg_module)
+  for name, (arg, _) in experiments.SUITES["utkface_cpu"].items():
+    c = cfg_module.get_config(arg.split(" ")[0].split(":", 1)[1])
+    assert (c.image_size, c.num_epochs) == (64, 16), name
+    if name.startswith("multitask"):
+      assert (c.model.name, c.model.gender, c.model.race) == ("resnet18", True, True), name
+    else:
+      assert c.model.name == "tiny" and not c.model.gender, name
+      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", ""), name
+    assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
+    assert (c.augment.rotate > 0) == name.endswith("full_aug"), name
