@@ -8,6 +8,11 @@ per-channel reductions of each BN layer (2 forward, 2 backward) took about
 100 ms of a 480 ms TinyAgeNet step at 64 px. Written as dots with a vector of
 ones they run at memory speed. On sharded inputs the dots reduce over the
 global batch, as nn.BatchNorm does.
+
+The training-mode gradient is the textbook one, written out (`normalize`):
+dx = scale * r / n * (n g - sum(g) - x_hat sum(g x_hat)), with x_hat centred
+before anything is summed, so it keeps nn.BatchNorm's precision (summing g * x
+and subtracting mean * sum(g) afterwards does not, when |mean| >> std).
 """
 
 from __future__ import annotations
@@ -20,27 +25,60 @@ import jax.numpy as jnp
 
 
 def channel_sum(x):
-  """Sum over every axis but the last, as ones @ x.reshape(-1, C) (float32 accumulation)."""
-  flat = x.reshape(-1, x.shape[-1])
-  return jnp.dot(jnp.ones((flat.shape[0],), flat.dtype), flat, preferred_element_type=jnp.float32)
+  """Sum over every axis but the last, as dots with ones (float32 accumulation).
+
+  Two levels, for precision: the n rows of x.reshape(n, C) are cut into B = 64
+  blocks summed by one batched matrix-vector product (each output adds n / B
+  terms in sequence), then the B partial sums are added. A single n-term dot was
+  20x less precise than XLA's tree reduction, enough to flip the sign of nearly
+  zero gradients in Adam's first steps; this is more precise than the tree and
+  as fast as the single dot (docs/RESULTS.md).
+  """
+  c = x.shape[-1]
+  n = x.size // c
+  b = next(d for d in (64, 32, 16, 8, 4, 2, 1) if n % d == 0)
+  blocks = x.reshape(b, n // b, c)
+  partial = jax.lax.dot_general(jnp.ones((b, n // b), x.dtype), blocks, (((1,), (1,)), ((0,), (0,))),
+                                preferred_element_type=jnp.float32)
+  return jnp.dot(jnp.ones((b,), jnp.float32), partial)
+
+
+def _stats(x):
+  n = x.size // x.shape[-1]
+  mean = channel_sum(x) / n
+  return mean, jnp.maximum(channel_sum(jnp.square(x)) / n - jnp.square(mean), 0.0)
 
 
 @jax.custom_vjp
-def scale_shift(x, a, b):
-  """x * a + b with per-channel a, b; its gradients for a and b are dots too."""
-  return x * a.astype(x.dtype) + b.astype(x.dtype)
+def normalize(x, scale, bias, epsilon):
+  """Training-mode BN over all axes but the last: returns (y, batch mean, batch variance)."""
+  mean, var = _stats(x)
+  r = jax.lax.rsqrt(var + epsilon)
+  a = scale * r
+  y = x * a.astype(x.dtype) + (bias - mean * a).astype(x.dtype)
+  return y, mean, var
 
 
-def _scale_shift_fwd(x, a, b):
-  return scale_shift(x, a, b), (x, a)
+def _normalize_fwd(x, scale, bias, epsilon):
+  y, mean, var = normalize(x, scale, bias, epsilon)
+  return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale, epsilon)
 
 
-def _scale_shift_bwd(res, g):
-  x, a = res
-  return g * a.astype(g.dtype), channel_sum(g * x).astype(a.dtype), channel_sum(g).astype(a.dtype)
+def _normalize_bwd(res, cts):
+  x, mean, r, scale, epsilon = res
+  g, g_mean, g_var = cts
+  n = x.size // x.shape[-1]
+  x_hat = (x - mean.astype(x.dtype)) * r.astype(x.dtype)
+  sum_g = channel_sum(g)
+  sum_g_xhat = channel_sum(g * x_hat)
+  k = scale * r / n
+  dx = (g * (k * n).astype(g.dtype) - (k * sum_g).astype(g.dtype) - x_hat * (k * sum_g_xhat).astype(g.dtype))
+  # Cotangents of the returned statistics (zero when they only feed the running averages).
+  dx = dx + (g_mean / n).astype(g.dtype) + x_hat * (2.0 * g_var / (n * r)).astype(g.dtype)
+  return dx.astype(x.dtype), sum_g_xhat.astype(scale.dtype), sum_g.astype(scale.dtype), jnp.zeros_like(epsilon)
 
 
-scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -58,19 +96,15 @@ class BatchNorm(nn.Module):
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+    x = x.astype(self.dtype or x.dtype)
     if use_ra:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      n = x.size // c
-      mean = channel_sum(x) / n
-      var = jnp.maximum(channel_sum(jnp.square(x)) / n - jnp.square(mean), 0.0)
-      if not self.is_initializing():
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-        ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
-    a = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-    return scale_shift(x, a, bias.astype(jnp.float32) - mean * a)
+      a = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+      return x * a.astype(x.dtype) + (bias - ra_mean.value * a).astype(x.dtype)
+    y, mean, var = normalize(x, scale, bias, jnp.float32(self.epsilon))
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+      ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+    return y
