@@ -175,7 +175,7 @@ def test_channel_sum_is_at_least_as_precise_as_a_reduction():
   for shape in [(64, 32, 32, 16), (8, 6, 6, 64), (3, 5, 7, 3)]:
     x = np.random.RandomState(0).randn(*shape).astype(np.float32) * 2 + 1
     exact = x.reshape(-1, shape[-1]).astype(np.float64).sum(0)
-    err = lambda y: np.max(np.abs(np.asarray(y, np.float64) - exact)) / np.abs(exact).max()
+    err = lambda y, exact=exact: np.max(np.abs(np.asarray(y, np.float64) - exact)) / np.abs(exact).max()
     assert err(channel_sum(x)) <= max(err(jnp.sum(x, axis=(0, 1, 2))), 2e-7)
 
 
