@@ -8,14 +8,16 @@ string after ":" on the command line is a comma-separated list of variants:
             ranking_bce, coral, corn, l1, l2, gaussian_nll)
   schedule: smoke (seconds; tests) | cpu (TinyAgeNet at 64 px, useful within an
             hour on 2 CPU cores) | the paper's (default)
-  two_stage: the official code's KL-only first stage, then KL + L1 (put it after the schedule)
+  two_stage: the official code's KL-only first stage, then KL + L1
   flip_only: horizontal flips as the only augmentation
+The order does not matter: `resnet18,cpu` trains a ResNet-18 on the cpu schedule.
 e.g. `--config configs/chalearn16.py:tiny,cpu`.
 """
 
 import ml_collections
 
 MODELS = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa")
+SCHEDULES = ("smoke", "cpu")
 LOSSES = ("dldl_v2", "dldl", "dex", "mean_variance", "sord", "ranking_bce", "coral", "corn", "l1", "l2",
           "gaussian_nll")
 
@@ -56,7 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  for token in [t.strip() for t in (arg or "").split(",") if t.strip()]:
+  tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+  # Order on the command line does not matter: schedules first (they pick a default model that a
+  # model variant then replaces), two_stage last (it reads the schedule's num_epochs).
+  tokens.sort(key=lambda t: 0 if t in SCHEDULES else 2 if t == "two_stage" else 1)
+  for token in tokens:
     if token in MODELS:
       c.model.name = token
       if token == "mtmsa":
@@ -67,7 +73,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     elif token in LOSSES:
       c.loss.name = token
     elif token == "smoke":
-      c.model.name = c.model.name if c.model.name == "resnet18" else "tiny"
+      c.model.name = "tiny"
       c.image_size = 32
       c.batch_size = 8
       c.num_epochs = 1

@@ -70,3 +70,12 @@ def test_suite_entries_configure_what_their_names_say():
       assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", ""), name
     assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
     assert (c.augment.rotate > 0) == name.endswith("full_aug"), name
+
+
+def test_config_variant_order_does_not_matter():
+  from configs import default
+  for a, b in [("resnet18,cpu", "cpu,resnet18"), ("two_stage,cpu,dex", "cpu,dex,two_stage"),
+               ("resnet18,smoke,multitask", "smoke,multitask,resnet18")]:
+    assert default.get_config(a).to_dict() == default.get_config(b).to_dict(), (a, b)
+  assert default.get_config("resnet18,cpu").model.name == "resnet18"
+  assert default.get_config("two_stage,cpu").loss.stage1_epochs == 8

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from agejax.models.batch_norm import BatchNorm
-
 from agejax.models.vgg import conv_init
 
 

@@ -43,20 +43,19 @@ def channel_sum(x):
   return jnp.dot(jnp.ones((b,), jnp.float32), partial)
 
 
-def _stats(x):
-  n = x.size // x.shape[-1]
-  mean = channel_sum(x) / n
-  return mean, jnp.maximum(channel_sum(jnp.square(x)) / n - jnp.square(mean), 0.0)
+def _affine(x, mean, var, scale, bias, epsilon):
+  """(x - mean) / sqrt(var + epsilon) * scale + bias as one multiply-add in x's dtype."""
+  a = scale * jax.lax.rsqrt(var + epsilon)
+  return x * a.astype(x.dtype) + (bias - mean * a).astype(x.dtype)
 
 
 @jax.custom_vjp
 def normalize(x, scale, bias, epsilon):
   """Training-mode BN over all axes but the last: returns (y, batch mean, batch variance)."""
-  mean, var = _stats(x)
-  r = jax.lax.rsqrt(var + epsilon)
-  a = scale * r
-  y = x * a.astype(x.dtype) + (bias - mean * a).astype(x.dtype)
-  return y, mean, var
+  n = x.size // x.shape[-1]
+  mean = channel_sum(x) / n
+  var = jnp.maximum(channel_sum(jnp.square(x)) / n - jnp.square(mean), 0.0)
+  return _affine(x, mean, var, scale, bias, epsilon), mean, var
 
 
 def _normalize_fwd(x, scale, bias, epsilon):
@@ -100,8 +99,7 @@ class BatchNorm(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
     x = x.astype(self.dtype or x.dtype)
     if use_ra:
-      a = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
-      return x * a.astype(x.dtype) + (bias - ra_mean.value * a).astype(x.dtype)
+      return _affine(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
     y, mean, var = normalize(x, scale, bias, jnp.float32(self.epsilon))
     if not self.is_initializing():
       m = self.momentum

@@ -12,10 +12,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from agejax.models.attention import MultiScaleAttention
 from agejax.models.batch_norm import BatchNorm
 from agejax.models.pooling import max_pool_3x3_s2
-
-from agejax.models.attention import MultiScaleAttention
 from agejax.models.vgg import conv_init
 
 STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
@@ -29,7 +28,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     bn = lambda **kw: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                   dtype=self.dtype, **kw)
+                                dtype=self.dtype, **kw)
     conv = lambda f, k, s, p: nn.Conv(f, (k, k), (s, s), padding=p, use_bias=False,
                                       kernel_init=conv_init, dtype=self.dtype)
     y = nn.relu(bn()(conv(self.features, 3, self.strides, 1)(x)))

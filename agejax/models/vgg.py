@@ -24,7 +24,6 @@ VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-
 class VGGTrunk(nn.Module):
   """VGG-16 feature extractor; returns a (B, D) feature vector.
 
