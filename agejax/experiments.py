@@ -38,6 +38,8 @@ SUITES = {
     "utkface_cpu": {
         "dldl_v2": (f"configs/utkface.py:tiny,cpu,dldl_v2,{_AUG}", "DLDL-v2 (KL + L1 on the expectation)"),
         "dldl_v2_full_aug": ("configs/utkface.py:tiny,cpu,dldl_v2", "DLDL-v2, DLDL-v2's full augmentation"),
+        "dldl_v2_tuned": ("configs/utkface.py:tiny,cpu,dldl_v2,tuned",
+                          "DLDL-v2, agejax's recipe (cosine, AdamW, flips + shifts)"),
         "dldl": (f"configs/utkface.py:tiny,cpu,dldl,{_AUG}", "DLDL (KL only)"),
         "dex": (f"configs/utkface.py:tiny,cpu,dex,{_AUG}", "DEX (cross-entropy, expectation)"),
         "mean_variance": (f"configs/utkface.py:tiny,cpu,mean_variance,{_AUG}", "Mean-variance"),

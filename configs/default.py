@@ -10,6 +10,9 @@ string after ":" on the command line is a comma-separated list of variants:
             hour on 2 CPU cores) | the paper's (default)
   two_stage: the official code's KL-only first stage, then KL + L1
   flip_only: horizontal flips as the only augmentation
+  tuned:    agejax's short-schedule recipe (docs/RESULTS.md): cosine decay after a
+            300-step warmup, AdamW (weight decay 0.01), flips and shifts of up
+            to 1/16 of the side as the only augmentation
 The order does not matter: `resnet18,cpu` trains a ResNet-18 on the cpu schedule.
 e.g. `--config configs/chalearn16.py:tiny,cpu`.
 """
@@ -36,13 +39,14 @@ def base_config() -> ml_collections.ConfigDict:
       lam_mean=0.2, lam_var=0.05, alpha=1.0, gender_weight=1.0, race_weight=1.0,
       stage1_epochs=0))  # > 0: KL only for these epochs (the official two-stage recipe)
   c.augment = ml_collections.ConfigDict(dict(
-      flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4))
+      flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4, translate=0.0))
   c.image_size = 224
   c.batch_size = 128                 # global, over all devices of all hosts
   c.num_epochs = 60
   c.num_train_steps = -1             # > 0 overrides num_epochs
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, eps=1e-7, weight_decay=0.0, decay_epochs=(30,), decay_factor=0.1,
+      schedule="step", final_fraction=0.0,  # schedule "cosine": decay to final_fraction x lr instead of steps
       warmup_steps=0, grad_clip=0.0))
   c.seed = 0
   c.workers = 0                      # grain worker processes (0: threads in the main process)
@@ -100,11 +104,16 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.augment.rescale = False
       c.augment.rotate = 0.0
       c.augment.color_jitter = 0.0
+    elif token == "tuned":
+      c.optimizer.schedule = "cosine"
+      c.optimizer.warmup_steps = 300
+      c.optimizer.weight_decay = 0.01
+      c.augment.update(grayscale=0.0, rescale=False, rotate=0.0, color_jitter=0.0, translate=1 / 16)
     elif token == "bf16":
       c.model.dtype = "bfloat16"
     else:
       raise ValueError(f"Unknown config variant {token!r}: use a model {MODELS}, a loss {LOSSES}, "
-                       "or smoke / cpu / flip_only / two_stage / multitask / bf16.")
+                       "or smoke / cpu / flip_only / tuned / two_stage / multitask / bf16.")
   return c
 
 

@@ -118,6 +118,21 @@ def test_rotation_keeps_the_centre_and_rescale_blurs():
   assert float(jnp.std(res)) < float(jnp.std(augment.normalize(smooth)))
 
 
+def test_translate_shifts_by_whole_pixels_within_the_bound():
+  img = jnp.zeros((1, 32, 32, 3)).at[:, 16, 16].set(255.0)
+  seen = set()
+  for seed in range(40):
+    out = augment.augment(jax.random.PRNGKey(seed), img, {**OFF, "translate": 1 / 16})   # up to 2 px
+    raw = np.asarray(out[0, ..., 0]) * augment.STD[0] + augment.MEAN[0]
+    y, x = np.unravel_index(np.argmax(raw), raw.shape)
+    assert abs(raw[y, x] - 1.0) < 1e-5 and np.sum(raw > 0.5) == 1   # moved, not resampled
+    seen.add((int(y) - 16, int(x) - 16))
+  assert max(max(abs(a), abs(b)) for a, b in seen) == 2 and len(seen) > 10
+  flat = jnp.full((4, 32, 32, 3), 100.0)   # edges replicate: a flat image stays flat (zero padding would not)
+  out = augment.augment(jax.random.PRNGKey(0), flat, {**OFF, "translate": 1 / 16})
+  np.testing.assert_allclose(out, augment.normalize(flat), rtol=1e-6)
+
+
 def test_preview_contact_sheet_cli(tmp_path):
   import os, subprocess, sys
   from PIL import Image

@@ -1,3 +1,4 @@
+import pytest
 import json
 import os
 
@@ -67,9 +68,10 @@ def test_suite_entries_configure_what_their_names_say():
       assert (c.model.name, c.model.gender, c.model.race) == ("resnet18", True, True), name
     else:
       assert c.model.name == "tiny" and not c.model.gender, name
-      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", ""), name
+      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", "").replace("_tuned", ""), name
     assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
     assert (c.augment.rotate > 0) == name.endswith("full_aug"), name
+    assert (c.optimizer.schedule == "cosine" and c.augment.translate > 0) == name.endswith("_tuned"), name
 
 
 def test_config_variant_order_does_not_matter():
@@ -79,3 +81,20 @@ def test_config_variant_order_does_not_matter():
     assert default.get_config(a).to_dict() == default.get_config(b).to_dict(), (a, b)
   assert default.get_config("resnet18,cpu").model.name == "resnet18"
   assert default.get_config("two_stage,cpu").loss.stage1_epochs == 8
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+  from configs import default
+  from agejax import train_lib
+  c = default.get_config("cpu,tuned")
+  c.num_epochs = 4
+  c.optimizer.final_fraction = 0.1
+  _, lr = train_lib.make_optimizer(c, steps_per_epoch=200)   # 800 steps, 300 of warmup
+  assert float(lr(0)) == 0.0 and abs(float(lr(150)) - 5e-4) < 1e-9 and abs(float(lr(300)) - 1e-3) < 1e-9
+  assert abs(float(lr(550)) - 1e-3 * (0.1 + 0.9 * 0.5)) < 1e-8       # half-way down the cosine
+  assert abs(float(lr(800)) - 1e-4) < 1e-9
+  steps = [float(lr(s)) for s in range(300, 801, 50)]
+  assert all(a >= b for a, b in zip(steps, steps[1:]))
+  c.optimizer.schedule = "linear"
+  with pytest.raises(ValueError, match="cosine"):
+    train_lib.make_optimizer(c, steps_per_epoch=200)

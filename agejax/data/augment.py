@@ -17,7 +17,7 @@ MEAN = (0.5958, 0.4637, 0.4065)
 STD = (0.2693, 0.2409, 0.2352)
 _LUMA = jnp.array([0.299, 0.587, 0.114])
 
-DEFAULTS = {"flip": 0.5, "grayscale": 0.5, "rescale": True, "rotate": 15.0, "color_jitter": 0.4}
+DEFAULTS = {"flip": 0.5, "grayscale": 0.5, "rescale": True, "rotate": 15.0, "color_jitter": 0.4, "translate": 0.0}
 
 
 def normalize(images) -> jax.Array:
@@ -55,6 +55,19 @@ def _rotate(key, img, max_degrees):
   return jnp.stack(channels, axis=-1)
 
 
+def _translate(key, img, fraction):
+  """Shift by whole pixels, up to `fraction` of each side in each direction, edges replicated.
+
+  The cheap augmentation: a pad and a slice, no resampling, so it costs almost
+  nothing inside the train step (rotation's bilinear gather is ~10% of a 64 px step).
+  """
+  h, w = img.shape[:2]
+  my, mx = max(1, round(fraction * h)), max(1, round(fraction * w))
+  padded = jnp.pad(img, ((my, my), (mx, mx), (0, 0)), mode="edge")
+  dy, dx = jax.random.randint(key, (2,), 0, jnp.array([2 * my + 1, 2 * mx + 1]))
+  return jax.lax.dynamic_slice(padded, (dy, dx, 0), img.shape)
+
+
 def _color_jitter(key, img, strength):
   """Brightness, contrast and saturation factors U(1 - s, 1 + s), applied in a random order."""
   kf, ko = jax.random.split(key)
@@ -78,6 +91,8 @@ def augment_image(key, img, cfg: Mapping):
     img = _rescale(k[0], img)
   if cfg.get("rotate", 0) > 0:
     img = _rotate(k[1], img, float(cfg["rotate"]))
+  if cfg.get("translate", 0) > 0:
+    img = _translate(k[5], img, float(cfg["translate"]))
   if cfg.get("color_jitter", 0) > 0:
     img = _color_jitter(k[2], img, float(cfg["color_jitter"]))
   if cfg.get("grayscale", 0) > 0:
