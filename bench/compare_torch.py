@@ -3,13 +3,16 @@
     python bench/compare_torch.py --torch_python /path/to/venv-with-torch/bin/python [--quick]
 
 For each case it runs `python -m agejax.bench` and `../shared/bench/torch_reference.py`
-one after the other (never concurrently) and prints one JSON line per case with
-both rates and the ratio jax/torch, then a markdown table.
+one after the other (never concurrently), `--rounds` times with the order alternating
+(a shared VM drifts by 10-30% between minutes, so one pair can mislead), and prints one
+JSON line per case: the median rates, the median of the per-round ratios jax/torch and
+their range; then a markdown table.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -34,25 +37,42 @@ def main():
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--rounds", type=int, default=3, help="jax/torch pairs per case, order alternating")
   ap.add_argument("--quick", action="store_true", help="only the 64-pixel cases")
+  ap.add_argument("--only", default="", help="comma-separated model:size:mode cases, e.g. tiny:64:train")
   a = ap.parse_args()
   cases = [c for c in CASES if not a.quick or c[1] == 64]
+  if a.only:
+    keep = set(a.only.split(","))
+    cases = [c for c in cases if f"{c[0]}:{c[1]}:{c[3]}" in keep]
   rows = []
   for model, size, batch, mode in cases:
     common = ["--model", model, "--size", str(size), "--batch", str(batch), "--mode", mode,
               "--steps", str(a.steps), "--repeats", str(a.repeats)]
-    j = _json_line([sys.executable, "-m", "agejax.bench"] + common)
-    t = _json_line([a.torch_python, TORCH_REF, "--threads", str(a.threads)] + common)
-    row = {"model": model, "size": size, "batch": batch, "mode": mode, "jax_images_per_s": j["images_per_s"],
-           "torch_images_per_s": t["images_per_s"], "ratio_jax_over_torch": round(j["images_per_s"] / t["images_per_s"], 3),
+    jax_cmd = [sys.executable, "-m", "agejax.bench"] + common
+    torch_cmd = [a.torch_python, TORCH_REF, "--threads", str(a.threads)] + common
+    jr, tr = [], []
+    for r in range(a.rounds):
+      if r % 2 == 0:
+        j, t = _json_line(jax_cmd), _json_line(torch_cmd)
+      else:
+        t, j = _json_line(torch_cmd), _json_line(jax_cmd)
+      jr.append(j["images_per_s"])
+      tr.append(t["images_per_s"])
+    ratios = [x / y for x, y in zip(jr, tr)]
+    row = {"model": model, "size": size, "batch": batch, "mode": mode,
+           "jax_images_per_s": round(statistics.median(jr), 2), "torch_images_per_s": round(statistics.median(tr), 2),
+           "ratio_jax_over_torch": round(statistics.median(ratios), 3),
+           "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "rounds": a.rounds,
            "gflops_per_image": j["gflops_per_image"], "params": j["params"], "jax": j["version"], "torch": t["version"],
            "threads": a.threads}
     rows.append(row)
     print(json.dumps(row), flush=True)
-  print("\n| model | input | batch | mode | agejax img/s | PyTorch img/s | ratio |\n|---|---|---|---|---|---|---|")
+  print("\n| model | input | batch | mode | agejax img/s | PyTorch img/s | ratio (median) | ratio range |\n"
+        "|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | {r['jax_images_per_s']} | "
-          f"{r['torch_images_per_s']} | {r['ratio_jax_over_torch']} |")
+          f"{r['torch_images_per_s']} | {r['ratio_jax_over_torch']} | {r['ratio_min']}-{r['ratio_max']} |")
 
 
 if __name__ == "__main__":
