@@ -7,7 +7,7 @@
 Each run is `train.py` then `evaluate.py --split test` in its own sub-folder, so
 an interrupted suite resumes where it stopped (finished runs are skipped,
 half-finished ones resume from their checkpoint). The table (results.md and
-results.json in --workdir) is rebuilt from the runs' eval/*.json files, so
+results.json in --workdir, with figures results_*.png) is rebuilt from the runs' eval/*.json files, so
 every figure in it was produced by a command.
 
 utkface_cpu: TinyAgeNet at 64x64 on 2 CPU cores (the `cpu` schedule: 16 epochs,
@@ -100,6 +100,9 @@ def build_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
     rows.append({
         "name": name, "description": desc, "command_config": config_arg, "seeds": len(runs),
         "mae": [r["mae"] for r in runs], "cs5": [r["cs"]["5"] for r in runs],
+        "cs_curves": [{int(k): v for k, v in r["cs"].items()} for r in runs],
+        "run_dirs": [os.path.join(workdir, e) for e in sorted(os.listdir(workdir))
+                     if e.startswith(f"{name}_seed") and os.path.exists(os.path.join(workdir, e, "eval", "test.json"))],
         "clean_mae": [r.get("clean", {}).get("mae") for r in runs],
         "gender_accuracy": [r.get("gender_accuracy") for r in runs],
         "race_accuracy": [r.get("race_accuracy") for r in runs],
@@ -112,6 +115,72 @@ def build_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
                  f"{_fmt(r['clean_mae'])} | {_fmt(r['gender_accuracy'], 3)} | {_fmt(r['race_accuracy'], 3)} | "
                  f"{_fmt(r['minutes'], 0)} |")
   return "\n".join(lines) + "\n", rows
+
+
+def _val_curve(run_dir: str) -> tuple[list[float], list[float]]:
+  """(epoch, validation MAE) pairs from a run's metrics.jsonl; validation rows carry only
+  their step, so the epoch comes from the train rows' step/epoch ratio."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+  ratios = [r["step"] / r["epoch"] for r in rows if r.get("split") == "train" and r.get("epoch") and "step" in r]
+  if not ratios:
+    return [], []
+  val = [r for r in rows if r.get("split") == "val" and "mae" in r and "step" in r]
+  return [r["step"] / ratios[-1] for r in val], [r["mae"] for r in val]
+
+
+def plot_suite(workdir: str, rows: list[dict]) -> list[str]:
+  """The figures a reader looks at before the table: MAE per run (seeds as dots),
+  CS@k curves, and validation MAE over training. Returns the files written."""
+  if not rows:
+    return []
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  written = []
+  names = [r["description"] for r in rows]
+  fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+  y = list(range(len(rows)))[::-1]
+  means = [statistics.mean(r["mae"]) for r in rows]
+  errs = [statistics.stdev(r["mae"]) if len(r["mae"]) > 1 else 0.0 for r in rows]
+  ax.barh(y, means, xerr=errs, color="#8fb3d9", capsize=3)
+  for yi, r in zip(y, rows):
+    ax.plot(r["mae"], [yi] * len(r["mae"]), "k.", ms=5)
+    ax.text(statistics.mean(r["mae"]), yi, f" {statistics.mean(r['mae']):.2f}", va="center", fontsize=8)
+  ax.set_yticks(y, names, fontsize=8)
+  ax.set_xlabel("test MAE (years; bar = mean over seeds, dots = seeds)")
+  ax.set_xlim(0, max(max(r["mae"]) for r in rows) * 1.15)
+  written.append(_save(fig, os.path.join(workdir, "results_mae.png"), plt))
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for r in rows:
+    ks = sorted(set().union(*r["cs_curves"]))
+    ax.plot(ks, [statistics.mean(c.get(k, float("nan")) for c in r["cs_curves"]) for k in ks], marker=".",
+            label=r["description"])
+  ax.set_xlabel("error tolerance k (years)")
+  ax.set_ylabel("CS@k: share of test faces within k years")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  written.append(_save(fig, os.path.join(workdir, "results_cs.png"), plt))
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for r in rows:
+    epochs, maes = _val_curve(r["run_dirs"][0]) if r.get("run_dirs") else ([], [])
+    if epochs:
+      ax.plot(epochs, maes, marker=".", label=r["description"])
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("validation MAE (first seed)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  written.append(_save(fig, os.path.join(workdir, "results_val_mae.png"), plt))
+  return written
+
+
+def _save(fig, path, plt):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def main(argv=None):
@@ -142,6 +211,8 @@ def main(argv=None):
           return 1
   table, rows = build_table(a.suite, a.workdir)
   os.makedirs(a.workdir, exist_ok=True)
+  figures = plot_suite(a.workdir, rows)
+  table += "".join(f"\n![{os.path.basename(f)}]({os.path.basename(f)})\n" for f in figures)
   open(os.path.join(a.workdir, "results.md"), "w").write(table)
   json.dump(rows, open(os.path.join(a.workdir, "results.json"), "w"), indent=2)
   print(table)

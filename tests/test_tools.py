@@ -16,10 +16,14 @@ def test_bench_reports_params_flops_and_rate():
 def _fake_run(workdir, name, seed, mae, gender=None):
   d = os.path.join(workdir, f"{name}_seed{seed}", "eval")
   os.makedirs(d)
-  s = {"mae": mae, "cs": {"5": 0.6}, "clean": {"mae": mae - 0.1}}
+  s = {"mae": mae, "cs": {"0": 0.0, "5": 0.6, "10": 0.9}, "clean": {"mae": mae - 0.1}}
   if gender is not None:
     s["gender_accuracy"] = gender
   json.dump(s, open(os.path.join(d, "test.json"), "w"))
+  with open(os.path.join(workdir, f"{name}_seed{seed}", "metrics.jsonl"), "w") as f:
+    for e, m in [(1.0, mae + 2), (2.0, mae + 1)]:
+      f.write(json.dumps({"split": "train", "step": int(e * 10) - 5, "epoch": e - 0.5, "loss": 1.0}) + "\n")
+      f.write(json.dumps({"split": "val", "step": int(e * 10), "mae": m}) + "\n")
 
 
 def test_experiment_table_aggregates_seeds(tmp_path):
@@ -30,8 +34,12 @@ def test_experiment_table_aggregates_seeds(tmp_path):
   assert [r["name"] for r in rows] == ["dldl_v2", "multitask"]
   assert "| DLDL-v2 (KL + L1 on the expectation) | 2 | 5.10 ± 0.14 | 0.600 ± 0.000 | 5.00 ± 0.14 |" in table
   assert "| 0.900 |" in table
+  assert experiments._val_curve(str(tmp_path / "dldl_v2_seed1")) == ([1.0, 2.0], [7.2, 6.2])
   assert experiments.main(["utkface_cpu", "--workdir", str(tmp_path), "--table_only"]) == 0
-  assert os.path.exists(tmp_path / "results.md")
+  md = (tmp_path / "results.md").read_text()
+  for fig in ("results_mae.png", "results_cs.png", "results_val_mae.png"):
+    assert (tmp_path / fig).stat().st_size > 5000 and f"]({fig})" in md
+  assert json.loads((tmp_path / "results.json").read_text())[0]["cs_curves"][1] == {"0": 0.0, "5": 0.6, "10": 0.9}
 
 
 def test_xla_cpu_defaults_respect_the_user():
