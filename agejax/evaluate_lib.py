@@ -111,7 +111,7 @@ def plot_report(prefix: str, preds: dict[str, np.ndarray], summary: dict[str, An
   ax.set_xlabel("true age")
   ax.set_ylabel("predicted age")
   ax.set_title(f"MAE {summary['mae']:.2f} (n={summary['n']})")
-  paths.append(_save(fig, f"{prefix}_pred_vs_true.png"))
+  paths.append(save_figure(fig, f"{prefix}_pred_vs_true.png"))
 
   g = summary["per_group"]
   edges = g["edges"]
@@ -128,7 +128,7 @@ def plot_report(prefix: str, preds: dict[str, np.ndarray], summary: dict[str, An
   ax.set_xticks(x, labels, rotation=45)
   ax.set_xlabel("true age group")
   ax.legend()
-  paths.append(_save(fig, f"{prefix}_per_group.png"))
+  paths.append(save_figure(fig, f"{prefix}_per_group.png"))
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ks = sorted(int(k) for k in summary["cs"])
@@ -137,7 +137,7 @@ def plot_report(prefix: str, preds: dict[str, np.ndarray], summary: dict[str, An
   ax.set_ylabel("CS@k")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3)
-  paths.append(_save(fig, f"{prefix}_cs_curve.png"))
+  paths.append(save_figure(fig, f"{prefix}_cs_curve.png"))
 
   return paths
 
@@ -159,10 +159,10 @@ def plot_examples(path: str, preds: dict[str, np.ndarray], images: list[np.ndarr
     axes[1, i].axvline(true[i], color="r", lw=1)
     axes[1, i].set_yticks([])
     axes[1, i].set_xlabel("age", fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
-def _save(fig, path):
+def save_figure(fig, path):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   import matplotlib.pyplot as plt

@@ -88,21 +88,21 @@ def _fmt(values, digits=2):
 def build_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
   rows = []
   for name, (config_arg, desc) in SUITES[suite].items():
-    runs = []
+    runs, dirs = [], []
     for entry in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
       if entry.startswith(f"{name}_seed") and os.path.exists(os.path.join(workdir, entry, "eval", "test.json")):
         s = json.load(open(os.path.join(workdir, entry, "eval", "test.json")))
         t = os.path.join(workdir, entry, "timing.json")
         s["minutes"] = json.load(open(t))["total_seconds"] / 60 if os.path.exists(t) else None
         runs.append(s)
+        dirs.append(os.path.join(workdir, entry))
     if not runs:
       continue
     rows.append({
         "name": name, "description": desc, "command_config": config_arg, "seeds": len(runs),
         "mae": [r["mae"] for r in runs], "cs5": [r["cs"]["5"] for r in runs],
         "cs_curves": [{int(k): v for k, v in r["cs"].items()} for r in runs],
-        "run_dirs": [os.path.join(workdir, e) for e in sorted(os.listdir(workdir))
-                     if e.startswith(f"{name}_seed") and os.path.exists(os.path.join(workdir, e, "eval", "test.json"))],
+        "run_dirs": dirs,
         "clean_mae": [r.get("clean", {}).get("mae") for r in runs],
         "gender_accuracy": [r.get("gender_accuracy") for r in runs],
         "race_accuracy": [r.get("race_accuracy") for r in runs],
@@ -137,6 +137,8 @@ def plot_suite(workdir: str, rows: list[dict]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
+  from agejax.evaluate_lib import save_figure
   written = []
   names = [r["description"] for r in rows]
   fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
@@ -150,7 +152,7 @@ def plot_suite(workdir: str, rows: list[dict]) -> list[str]:
   ax.set_yticks(y, names, fontsize=8)
   ax.set_xlabel("test MAE (years; bar = mean over seeds, dots = seeds)")
   ax.set_xlim(0, max(max(r["mae"]) for r in rows) * 1.15)
-  written.append(_save(fig, os.path.join(workdir, "results_mae.png"), plt))
+  written.append(save_figure(fig, os.path.join(workdir, "results_mae.png")))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for r in rows:
@@ -161,26 +163,19 @@ def plot_suite(workdir: str, rows: list[dict]) -> list[str]:
   ax.set_ylabel("CS@k: share of test faces within k years")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  written.append(_save(fig, os.path.join(workdir, "results_cs.png"), plt))
+  written.append(save_figure(fig, os.path.join(workdir, "results_cs.png")))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for r in rows:
-    epochs, maes = _val_curve(r["run_dirs"][0]) if r.get("run_dirs") else ([], [])
+    epochs, maes = _val_curve(r["run_dirs"][0])
     if epochs:
       ax.plot(epochs, maes, marker=".", label=r["description"])
   ax.set_xlabel("epoch")
   ax.set_ylabel("validation MAE (first seed)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  written.append(_save(fig, os.path.join(workdir, "results_val_mae.png"), plt))
+  written.append(save_figure(fig, os.path.join(workdir, "results_val_mae.png")))
   return written
-
-
-def _save(fig, path, plt):
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
 
 
 def main(argv=None):

@@ -79,15 +79,14 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
   """Adam (lr 1e-3, eps 1e-7) with step decays at the configured epochs (DLDL-v2: x0.1 from epoch 31),
   or (`optimizer.schedule = "cosine"`) a cosine decay to `final_fraction` of the rate over the run."""
   o = config.optimizer
-  schedule = o.get("schedule", "step")
-  if schedule == "step":
+  if o.schedule == "step":
     boundaries = {int(e * steps_per_epoch): o.decay_factor for e in o.decay_epochs}
     lr = optax.piecewise_constant_schedule(o.learning_rate, boundaries)
-  elif schedule == "cosine":
+  elif o.schedule == "cosine":
     total = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * steps_per_epoch)
-    lr = optax.cosine_decay_schedule(o.learning_rate, max(1, total - o.warmup_steps), alpha=o.get("final_fraction", 0.0))
+    lr = optax.cosine_decay_schedule(o.learning_rate, max(1, total - o.warmup_steps), alpha=o.final_fraction)
   else:
-    raise ValueError(f"config.optimizer.schedule: {schedule!r} is not step or cosine.")
+    raise ValueError(f"config.optimizer.schedule: {o.schedule!r} is not step or cosine.")
   if o.warmup_steps:
     lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), lr], [o.warmup_steps])
   if o.name == "adam":

@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _flips_only(c: ml_collections.ConfigDict) -> None:
+  c.augment.update(grayscale=0.0, rescale=False, rotate=0.0, color_jitter=0.0)
+
+
 def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
   # Order on the command line does not matter: schedules first (they pick a default model that a
@@ -100,15 +104,13 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     elif token == "two_stage":
       c.loss.stage1_epochs = max(1, c.num_epochs // 2)
     elif token == "flip_only":         # the plain baseline's augmentation (docs/RESULTS.md)
-      c.augment.grayscale = 0.0
-      c.augment.rescale = False
-      c.augment.rotate = 0.0
-      c.augment.color_jitter = 0.0
+      _flips_only(c)
     elif token == "tuned":
       c.optimizer.schedule = "cosine"
       c.optimizer.warmup_steps = 300
       c.optimizer.weight_decay = 0.01
-      c.augment.update(grayscale=0.0, rescale=False, rotate=0.0, color_jitter=0.0, translate=1 / 16)
+      _flips_only(c)
+      c.augment.translate = 1 / 16
     elif token == "bf16":
       c.model.dtype = "bfloat16"
     else:
