@@ -42,6 +42,8 @@ SUITES = {
         "dldl_v2_full_aug": ("configs/utkface.py:tiny,cpu,dldl_v2", "DLDL-v2, DLDL-v2's full augmentation"),
         "dldl_v2_tuned": ("configs/utkface.py:tiny,cpu,dldl_v2,tuned",
                           "DLDL-v2, agejax's recipe (cosine, AdamW, flips + shifts)"),
+        "dldl_v2_80px": (f"configs/utkface.py:tiny,cpu,dldl_v2,{_AUG} --config.image_size=80",
+                         "DLDL-v2 at 80x80 (1.56x the FLOPs: the hour's budget)"),
         "dldl": (f"configs/utkface.py:tiny,cpu,dldl,{_AUG}", "DLDL (KL only)"),
         "dex": (f"configs/utkface.py:tiny,cpu,dex,{_AUG}", "DEX (cross-entropy, expectation)"),
         "mean_variance": (f"configs/utkface.py:tiny,cpu,mean_variance,{_AUG}", "Mean-variance"),
