@@ -200,3 +200,51 @@ def test_batch_norm_gradient_through_returned_statistics():
   ref = jax.grad(loss(reference), argnums=(0, 1, 2))(x, scale, bias)
   for u, w in zip(mine, ref):
     np.testing.assert_allclose(u, w, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("hw,k,stride,pad,dilation", [
+    ((2, 2), 3, 1, 1, 1), ((4, 4), 3, 2, 1, 1), ((4, 4), 3, 1, 5, 5), ((2, 3), 3, 1, 2, 2),
+    ((5, 5), 3, 2, 1, 1), ((8, 8), 3, 1, 1, 1), ((3, 3), 1, 1, 0, 1), ((7, 6), 7, 2, 3, 1)])
+def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
+  """Both formulations give XLA's convolution and its gradients, whichever `conv2d` picks."""
+  from agejax.models import conv
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, *hw, 5))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, 5, 4))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
+                                                  rhs_dilation=(dilation, dilation),
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda f: jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+  want = loss(ref)
+  for f in (conv.conv2d_taps, conv.conv2d):
+    got = loss(lambda x, w: f(x, w, stride, pad, dilation))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_takes_the_tap_sum_only_where_it_was_measured_faster():
+  from agejax.models.conv import use_taps
+  assert use_taps((2, 2), (3, 3), 1, 1, 1)        # ResNet stage 4 at 64 px: 1.85 s -> 43 ms
+  assert use_taps((4, 4), (3, 3), 2, 1, 1)        # its strided entry conv: 219 -> 22 ms
+  assert use_taps((4, 4), (3, 3), 1, 5, 5)        # MSA rate 5 on a 4x4 map: one live tap
+  assert not use_taps((4, 4), (3, 3), 1, 1, 1)    # XLA as fast or faster from 4x4 outputs up
+  assert not use_taps((4, 4), (3, 3), 1, 2, 2)
+  assert not use_taps((64, 64), (3, 3), 1, 1, 1)
+  assert not use_taps((2, 2), (1, 1), 1, 0, 1)    # 1x1: a matmul either way
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_module_is_a_drop_in_for_flax_conv(dtype):
+  """Same variable tree, initial values and outputs as nn.Conv, so checkpoints carry over."""
+  import flax.linen as nn
+  from agejax.models.conv import Conv, conv_init
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 2, 2, 6))
+  mine = Conv(8, 3, padding=1, use_bias=True, dtype=dtype)
+  ref = nn.Conv(8, (3, 3), padding=1, kernel_init=conv_init, dtype=dtype)
+  v_mine, v_ref = mine.init(jax.random.PRNGKey(3), x), ref.init(jax.random.PRNGKey(3), x)
+  assert jax.tree.map(jnp.shape, v_mine) == jax.tree.map(jnp.shape, v_ref)
+  jax.tree.map(np.testing.assert_array_equal, v_mine, v_ref)
+  v_ref = {"params": {**v_ref["params"], "bias": jnp.linspace(-1, 1, 8)}}
+  y_mine, y_ref = mine.apply(v_ref, x), ref.apply(v_ref, x)
+  assert y_mine.dtype == y_ref.dtype == dtype
+  np.testing.assert_allclose(np.float32(y_mine), np.float32(y_ref), rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
+                             atol=2e-2 if dtype == jnp.bfloat16 else 1e-5)

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from agejax.models.batch_norm import BatchNorm
-from agejax.models.vgg import conv_init
+from agejax.models.conv import Conv
 
 
 class MultiScaleAttention(nn.Module):
@@ -41,14 +41,12 @@ class MultiScaleAttention(nn.Module):
     channels = x.shape[-1]
     hidden = max(channels // self.reduction, 8)
     bn = lambda: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    h = nn.relu(bn()(nn.Conv(hidden, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)))
+    h = nn.relu(bn()(Conv(hidden, 1, dtype=self.dtype)(x)))
     scales = []
     for rate in self.rates:
-      h = nn.Conv(hidden, (3, 3), padding=rate, kernel_dilation=rate, use_bias=False,
-                  kernel_init=conv_init, dtype=self.dtype)(h)
+      h = Conv(hidden, 3, padding=rate, dilation=rate, dtype=self.dtype)(h)
       h = nn.relu(bn()(h))
       scales.append(h)
-    m = nn.Conv(channels, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype)(
-        jnp.concatenate(scales, axis=-1))
+    m = Conv(channels, 1, dtype=self.dtype)(jnp.concatenate(scales, axis=-1))
     m = bn()(m)
     return x * (1.0 + nn.sigmoid(m))

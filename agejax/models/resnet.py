@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from agejax.models.attention import MultiScaleAttention
 from agejax.models.batch_norm import BatchNorm
+from agejax.models.conv import Conv
 from agejax.models.pooling import max_pool_3x3_s2
-from agejax.models.vgg import conv_init
 
 STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
@@ -29,8 +29,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     bn = lambda **kw: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=self.dtype, **kw)
-    conv = lambda f, k, s, p: nn.Conv(f, (k, k), (s, s), padding=p, use_bias=False,
-                                      kernel_init=conv_init, dtype=self.dtype)
+    conv = lambda f, k, s, p: Conv(f, k, s, padding=p, dtype=self.dtype)
     y = nn.relu(bn()(conv(self.features, 3, self.strides, 1)(x)))
     # Zero-init the last BN scale: each block starts as identity (Goyal et al. 2017).
     y = bn(scale_init=nn.initializers.zeros)(conv(self.features, 3, 1, 1)(y))
@@ -50,7 +49,7 @@ class ResNetTrunk(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, return_map: bool = False):
     x = x.astype(self.dtype)
-    x = nn.Conv(64, (7, 7), (2, 2), padding=3, use_bias=False, kernel_init=conv_init, dtype=self.dtype)(x)
+    x = Conv(64, 7, 2, padding=3, dtype=self.dtype)(x)
     x = nn.relu(BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x))
     x = max_pool_3x3_s2(x)
     for i, n in enumerate(self.stage_sizes):

@@ -15,13 +15,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from agejax.models.batch_norm import BatchNorm
+from agejax.models.conv import Conv
 from agejax.models.pooling import max_pool_2x2
 
 # Conv widths of VGG-16; "M" is a 2x2/2 max-pool.
 VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-# He-normal over fan-out, as the official code (kaiming_normal_, mode="fan_out").
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class VGGTrunk(nn.Module):
@@ -46,8 +44,7 @@ class VGGTrunk(nn.Module):
       if item == "M":
         x = max_pool_2x2(x)
         continue
-      x = nn.Conv(int(item * self.width), (3, 3), padding=1, use_bias=not self.batch_norm,
-                  kernel_init=conv_init, dtype=self.dtype)(x)
+      x = Conv(int(item * self.width), 3, padding=1, use_bias=not self.batch_norm, dtype=self.dtype)(x)
       if self.batch_norm:
         x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
       x = nn.relu(x)
