@@ -13,10 +13,10 @@ every figure in it was produced by a command.
 utkface_cpu: TinyAgeNet at 64x64 on 2 CPU cores (the `cpu` schedule: 16 epochs,
 about 45 min a run), horizontal flips as the only augmentation (the `dldl_v2_full_aug`
 entry has DLDL-v2's), flip-averaged test predictions. Rows: the loss
-family on the duplicate-safe split; multi-task (age + gender + race) against
-age alone on the same TinyAgeNet trunk; age alone, multi-task, and multi-task
-with MSA on a ResNet-18 trunk (about 1.9x TinyAgeNet's FLOPs at 64 px, so
-longer than an hour a run); DLDL-v2 on the CORAL 2019 split.
+family on the duplicate-safe split; multi-task (age + gender + race) with and
+without MSA against age alone on the same TinyAgeNet trunk; the same three on a
+ResNet-18 trunk (longer than an hour a run here); DLDL-v2 at 80 px (the hour's
+budget); DLDL-v2 on the CORAL 2019 split.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ SUITES = {
         "gaussian_nll": (f"configs/utkface.py:tiny,cpu,gaussian_nll,{_AUG}", "Gaussian NLL (MTMSA's Dirac-Gaussian KL)"),
         "multitask_tiny": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG}",
                            "DLDL-v2, age + gender + race heads (same TinyAgeNet trunk)"),
+        "multitask_msa_tiny": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG} --config.model.msa_stages=(4,5)",
+                               "DLDL-v2, age + gender + race, MSA after TinyAgeNet blocks 4 and 5"),
         "resnet18_age": (f"configs/utkface.py:resnet18,cpu,dldl_v2,{_AUG}", "ResNet-18, age alone"),
         "multitask": (f"configs/utkface.py:resnet18,cpu,multitask,{_AUG}", "ResNet-18, age + gender + race"),
         "multitask_msa": (f"configs/utkface.py:resnet18,cpu,multitask,{_AUG} --config.model.msa_stages=(3,4)",

@@ -248,3 +248,33 @@ def test_conv_module_is_a_drop_in_for_flax_conv(dtype):
   assert y_mine.dtype == y_ref.dtype == dtype
   np.testing.assert_allclose(np.float32(y_mine), np.float32(y_ref), rtol=2e-2 if dtype == jnp.bfloat16 else 1e-5,
                              atol=2e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
+def test_msa_on_vgg_trunks_sits_before_the_named_blocks_pool():
+  """`msa_stages` is honoured by every trunk (it was silently ignored by VGG ones), and checked."""
+  from agejax.models.attention import MultiScaleAttention
+  plain = _init(models.create("tiny"), 32)["params"]
+  v = _init(models.create("tiny", msa_stages=(4, 5)), 32)
+  assert sorted(k for k in v["params"]["trunk"] if k.startswith("MultiScaleAttention")) == [
+      "MultiScaleAttention_0", "MultiScaleAttention_1"]
+  assert models.count_params(v["params"]) > models.count_params(plain)
+  # Block 5 of TinyAgeNet has 128 channels: its MSA gates a 128-channel map (before the pool).
+  assert v["params"]["trunk"]["MultiScaleAttention_1"]["Conv_0"]["kernel"].shape == (1, 1, 128, 32)
+  one = models.create("tiny", msa_stages=(5,))
+  v1 = _init(one, 32)
+  seen = []
+  orig = MultiScaleAttention.__call__
+
+  def spy(self, x, train=False):
+    seen.append(x.shape)
+    return orig(self, x, train)
+  MultiScaleAttention.__call__ = spy
+  try:
+    one.apply(v1, jnp.zeros((1, 32, 32, 3)))
+  finally:
+    MultiScaleAttention.__call__ = orig
+  assert seen == [(1, 2, 2, 128)]   # 32 px: block 5 runs at 2x2, before the last 2x2 pool
+  with pytest.raises(ValueError, match="conv blocks 1..5"):
+    models.create("tiny", msa_stages=(6,))
+  with pytest.raises(ValueError, match="stages 1..4"):
+    models.create("resnet18", msa_stages=(5,))

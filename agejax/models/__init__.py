@@ -31,12 +31,17 @@ class AgeNet(nn.Module):
 
 
 def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction) -> nn.Module:
+  msa = dict(msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates), msa_reduction=msa_reduction)
+  if name in ("thin", "tiny", "vgg16") and any(not 1 <= s <= 5 for s in msa_stages):
+    raise ValueError(f"msa_stages {tuple(msa_stages)}: VGG trunks have conv blocks 1..5.")
+  if name in STAGE_SIZES and any(not 1 <= s <= 4 for s in msa_stages):
+    raise ValueError(f"msa_stages {tuple(msa_stages)}: ResNet trunks have stages 1..4.")
   if name == "thin":
-    return VGGTrunk(width=0.5, dtype=dtype)
+    return VGGTrunk(width=0.5, dtype=dtype, **msa)
   if name == "tiny":
-    return VGGTrunk(width=0.25, dtype=dtype)
+    return VGGTrunk(width=0.25, dtype=dtype, **msa)
   if name == "vgg16":
-    return VGGTrunk(width=1.0, batch_norm=False, fc_dims=(4096, 4096), dtype=dtype)
+    return VGGTrunk(width=1.0, batch_norm=False, fc_dims=(4096, 4096), dtype=dtype, **msa)
   if name in STAGE_SIZES:
     return ResNetTrunk(STAGE_SIZES[name], msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates),
                        msa_reduction=msa_reduction, dtype=dtype)
@@ -55,7 +60,8 @@ def create(name: str, *, age_head: str = "distribution", num_labels: int = 101, 
   """Build a network by name. `dtype` is the compute dtype; parameters stay float32.
 
   "mtmsa" is ResNet-34 with MSA after stages 3 and 4 (unless `msa_stages` says
-  otherwise); any ResNet gets MSA with `msa_stages`. Multi-task heads are
+  otherwise); any trunk gets MSA with `msa_stages` (ResNet stages 1-4, VGG conv
+  blocks 1-5). Multi-task heads are
   configuration (`gender`, `race`) for every trunk.
   """
   if isinstance(dtype, str):

@@ -5,6 +5,11 @@ layers of VGG-16 with channels halved (Thin) or quartered (Tiny), each conv
 3x3/1 with no bias followed by BatchNorm and ReLU, max-pooling after convs 2, 4,
 7, 10 and 13, then "hybrid pooling": the last max-pool followed by a 7x7 average
 pool at 224 input, a global average at other sizes.
+
+`msa_stages` inserts agejax's multi-scale attention (models/attention.py) after
+the convolutions of the named blocks (1-based, before the block's max-pool), as
+the ResNet trunk does after its stages, so MSA can be ablated on DLDL-v2's
+small backbones too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from agejax.models.attention import MultiScaleAttention
 from agejax.models.batch_norm import BatchNorm
 from agejax.models.conv import Conv
 from agejax.models.pooling import max_pool_2x2
@@ -35,14 +41,21 @@ class VGGTrunk(nn.Module):
   fc_dims: Sequence[int] = ()
   dropout: float = 0.5
   plan: Sequence[Any] = VGG16_PLAN
+  msa_stages: Sequence[int] = ()          # 1-based conv blocks followed by an MSA module
+  msa_rates: Sequence[int] = (1, 2, 5)
+  msa_reduction: int = 4
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.astype(self.dtype)
+    block = 1
     for item in self.plan:
       if item == "M":
+        if block in self.msa_stages:
+          x = MultiScaleAttention(self.msa_rates, self.msa_reduction, dtype=self.dtype)(x, train)
         x = max_pool_2x2(x)
+        block += 1
         continue
       x = Conv(int(item * self.width), 3, padding=1, use_bias=not self.batch_norm, dtype=self.dtype)(x)
       if self.batch_norm:
