@@ -26,6 +26,15 @@ CASES = [  # (model, size, batch, mode)
 ]
 
 
+def parse_cases(only: str) -> list[tuple[str, int, int, str]]:
+  cases = []
+  for token in only.split(","):
+    model, size, mode, *batch = token.split(":")
+    default = next((c[2] for c in CASES if (c[0], c[1], c[3]) == (model, int(size), mode)), 32)
+    cases.append((model, int(size), int(batch[0]) if batch else default, mode))
+  return cases
+
+
 def _json_line(cmd, env=None):
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
   return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
@@ -39,12 +48,11 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--rounds", type=int, default=3, help="jax/torch pairs per case, order alternating")
   ap.add_argument("--quick", action="store_true", help="only the 64-pixel cases")
-  ap.add_argument("--only", default="", help="comma-separated model:size:mode cases, e.g. tiny:64:train")
+  ap.add_argument("--only", default="",
+                  help="comma-separated model:size:mode[:batch] cases, e.g. tiny:64:train or resnet34:64:train:32 "
+                       "(any case, not only the default list; batch defaults to the list's or 32)")
   a = ap.parse_args()
-  cases = [c for c in CASES if not a.quick or c[1] == 64]
-  if a.only:
-    keep = set(a.only.split(","))
-    cases = [c for c in cases if f"{c[0]}:{c[1]}:{c[3]}" in keep]
+  cases = [c for c in CASES if not a.quick or c[1] == 64] if not a.only else parse_cases(a.only)
   rows = []
   for model, size, batch, mode in cases:
     common = ["--model", model, "--size", str(size), "--batch", str(batch), "--mode", mode,

@@ -110,3 +110,12 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
   c.optimizer.schedule = "linear"
   with pytest.raises(ValueError, match="cosine"):
     train_lib.make_optimizer(c, steps_per_epoch=200)
+
+
+def test_compare_torch_parses_cases_beyond_its_default_list():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("compare_torch", os.path.join(experiments.ROOT, "bench", "compare_torch.py"))
+  ct = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ct)
+  assert ct.parse_cases("tiny:64:train,resnet34:64:train:16,thin:96:infer") == [
+      ("tiny", 64, 64, "train"), ("resnet34", 64, 16, "train"), ("thin", 96, 32, "infer")]
