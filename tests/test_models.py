@@ -216,7 +216,7 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
   loss = lambda f: jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
   want = loss(ref)
   for f in (conv.conv2d_taps, conv.conv2d):
-    got = loss(lambda x, w: f(x, w, stride, pad, dilation))
+    got = loss(lambda x, w, f=f: f(x, w, stride, pad, dilation))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
