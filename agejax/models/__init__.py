@@ -31,11 +31,13 @@ class AgeNet(nn.Module):
 
 
 def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction) -> nn.Module:
+  if name == "mtmsa":
+    name, msa_stages = "resnet34", tuple(msa_stages) or (3, 4)
   msa = dict(msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates), msa_reduction=msa_reduction)
-  if name in ("thin", "tiny", "vgg16") and any(not 1 <= s <= 5 for s in msa_stages):
-    raise ValueError(f"msa_stages {tuple(msa_stages)}: VGG trunks have conv blocks 1..5.")
-  if name in STAGE_SIZES and any(not 1 <= s <= 4 for s in msa_stages):
-    raise ValueError(f"msa_stages {tuple(msa_stages)}: ResNet trunks have stages 1..4.")
+  blocks = 4 if name in STAGE_SIZES else 5
+  if any(not 1 <= s <= blocks for s in msa["msa_stages"]):
+    raise ValueError(f"msa_stages {msa['msa_stages']}: the {name} trunk has "
+                     + ("stages 1..4." if blocks == 4 else "conv blocks 1..5."))
   if name == "thin":
     return VGGTrunk(width=0.5, dtype=dtype, **msa)
   if name == "tiny":
@@ -43,11 +45,7 @@ def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction) -> nn.Module:
   if name == "vgg16":
     return VGGTrunk(width=1.0, batch_norm=False, fc_dims=(4096, 4096), dtype=dtype, **msa)
   if name in STAGE_SIZES:
-    return ResNetTrunk(STAGE_SIZES[name], msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates),
-                       msa_reduction=msa_reduction, dtype=dtype)
-  if name == "mtmsa":
-    return ResNetTrunk(STAGE_SIZES["resnet34"], msa_stages=tuple(msa_stages or (3, 4)),
-                       msa_rates=tuple(msa_rates), msa_reduction=msa_reduction, dtype=dtype)
+    return ResNetTrunk(STAGE_SIZES[name], dtype=dtype, **msa)
   raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES}.")
 
 
