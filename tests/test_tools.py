@@ -1,6 +1,9 @@
 import pytest
 import json
 import os
+import subprocess
+import sys
+import time
 
 from agejax import bench, experiments
 
@@ -40,6 +43,80 @@ def test_experiment_table_aggregates_seeds(tmp_path):
   for fig in ("results_mae.png", "results_cs.png", "results_val_mae.png"):
     assert (tmp_path / fig).stat().st_size > 5000 and f"]({fig})" in md
   assert json.loads((tmp_path / "results.json").read_text())[0]["cs_curves"][1] == {"0": 0.0, "5": 0.6, "10": 0.9}
+
+
+def test_run_one_writes_output_to_its_log_and_timing(monkeypatch, tmp_path):
+  calls = []
+
+  def fake_run(cmd, cwd, check, stdout=None, stderr=None):
+    calls.append(cmd[1])
+    stdout.write(f"output of {cmd[1]}\n")
+    if cmd[1] == "evaluate.py":
+      os.makedirs(tmp_path / "r" / "eval")
+      json.dump({"mae": 4.5}, open(tmp_path / "r" / "eval" / "test.json", "w"))
+
+  monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+  s = experiments.run_one("configs/utkface.py:tiny --config.x=1", str(tmp_path / "r"), 2, log_path=str(tmp_path / "r" / "log.txt"))
+  assert s == {"mae": 4.5} and calls == ["train.py", "evaluate.py"]
+  assert (tmp_path / "r" / "log.txt").read_text() == "output of train.py\noutput of evaluate.py\n"
+  timing = json.loads((tmp_path / "r" / "timing.json").read_text())
+  assert timing["train_seconds"] <= timing["total_seconds"] and timing["cores"] == sorted(os.sched_getaffinity(0))
+  assert experiments.run_one("unused", str(tmp_path / "r"), 2) == {"mae": 4.5} and len(calls) == 2  # finished: skipped
+
+
+def test_core_groups_split_evenly_and_refuse_impossible_jobs():
+  assert experiments.core_groups({3, 1, 0, 2, 4}, 2) == [[0, 1, 2], [3, 4]]
+  assert experiments.core_groups([5, 7], 1) == [[5, 7]]
+  for jobs in (0, 3):
+    with pytest.raises(ValueError, match="1 to 2 jobs"):
+      experiments.core_groups([0, 1], jobs)
+
+
+_PINNABLE = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+@pytest.mark.skipif(not _PINNABLE, reason="needs Linux and 2 cores")
+def test_side_by_side_runs_are_pinned_to_their_cores(monkeypatch, tmp_path):
+  """Every task runs once; the processes a run starts see only their worker's core; the caller stays unpinned."""
+  before = os.sched_getaffinity(0)
+  cores = sorted(before)[:2]
+  seen = []
+
+  def fake_run_one(config_arg, wd, seed, log_path=None):
+    out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                         capture_output=True, text=True, check=True).stdout
+    seen.append((os.path.basename(wd), tuple(json.loads(out)), log_path))
+    time.sleep(0.3)  # both workers get tasks
+    return {"mae": 5.0}
+
+  monkeypatch.setattr(experiments, "run_one", fake_run_one)
+  tasks = [(f"r{i}", "cfg", str(tmp_path / f"r{i}_seed0"), 0) for i in range(4)]
+  assert experiments.run_side_by_side(tasks, [[cores[0]], [cores[1]]]) == []
+  assert sorted(s[0] for s in seen) == [f"r{i}_seed0" for i in range(4)]
+  assert {s[1] for s in seen} == {(cores[0],), (cores[1],)}
+  assert all(s[2] == str(tmp_path / s[0] / "log.txt") for s in seen)
+  assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.skipif(not _PINNABLE, reason="needs Linux and 2 cores")
+def test_side_by_side_stops_starting_runs_after_a_failure(monkeypatch, tmp_path, capsys):
+  started = []
+
+  def fake_run_one(config_arg, wd, seed, log_path=None):
+    started.append(os.path.basename(wd))
+    if wd.endswith("bad_seed0"):
+      raise subprocess.CalledProcessError(3, ["train.py"])
+    time.sleep(0.5)
+    return {"mae": 5.0}
+
+  monkeypatch.setattr(experiments, "run_one", fake_run_one)
+  tasks = [(n, "cfg", str(tmp_path / f"{n}_seed0"), 0) for n in ("bad", "ok", "later1", "later2")]
+  failures = experiments.run_side_by_side(tasks, [[sorted(os.sched_getaffinity(0))[0]]] * 2)
+  assert failures == [f"run bad (seed 0) failed with exit code 3; see {tmp_path / 'bad_seed0' / 'log.txt'}"]
+  assert started[0] == "bad_seed0" and set(started) <= {"bad_seed0", "ok_seed0"}  # nothing starts after it
+  with pytest.raises(SystemExit):
+    experiments.main(["utkface_cpu", "--workdir", str(tmp_path), "--jobs", str(len(os.sched_getaffinity(0)) + 1)])
+  assert "--jobs" in capsys.readouterr().err
 
 
 def test_xla_cpu_defaults_respect_the_user():
