@@ -169,7 +169,9 @@ def build_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
       if entry.startswith(f"{name}_seed") and os.path.exists(os.path.join(workdir, entry, "eval", "test.json")):
         s = json.load(open(os.path.join(workdir, entry, "eval", "test.json")))
         t = os.path.join(workdir, entry, "timing.json")
-        s["minutes"] = json.load(open(t))["total_seconds"] / 60 if os.path.exists(t) else None
+        timing = json.load(open(t)) if os.path.exists(t) else {}
+        s["minutes"] = timing["total_seconds"] / 60 if "total_seconds" in timing else None
+        s["cores"] = len(timing["cores"]) if timing.get("cores") else None
         runs.append(s)
         dirs.append(os.path.join(workdir, entry))
     if not runs:
@@ -182,14 +184,15 @@ def build_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
         "clean_mae": [r.get("clean", {}).get("mae") for r in runs],
         "gender_accuracy": [r.get("gender_accuracy") for r in runs],
         "race_accuracy": [r.get("race_accuracy") for r in runs],
-        "minutes": [r["minutes"] for r in runs]})
+        "minutes": [r["minutes"] for r in runs], "cores": [r["cores"] for r in runs]})
   lines = [f"# {suite}: test results", "",
-           "| run | seeds | test MAE | CS@5 | clean MAE | gender acc | race acc | minutes/run |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| run | seeds | test MAE | CS@5 | clean MAE | gender acc | race acc | minutes/run | cores/run |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    cores = sorted({c for c in r["cores"] if c})
     lines.append(f"| {r['description']} | {r['seeds']} | {_fmt(r['mae'])} | {_fmt(r['cs5'], 3)} | "
                  f"{_fmt(r['clean_mae'])} | {_fmt(r['gender_accuracy'], 3)} | {_fmt(r['race_accuracy'], 3)} | "
-                 f"{_fmt(r['minutes'], 0)} |")
+                 f"{_fmt(r['minutes'], 0)} | {', '.join(map(str, cores)) or '-'} |")
   return "\n".join(lines) + "\n", rows
 
 

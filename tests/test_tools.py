@@ -33,10 +33,12 @@ def test_experiment_table_aggregates_seeds(tmp_path):
   _fake_run(tmp_path, "dldl_v2", 0, 5.0)
   _fake_run(tmp_path, "dldl_v2", 1, 5.2)
   _fake_run(tmp_path, "multitask", 0, 6.0, gender=0.9)
+  json.dump({"total_seconds": 600, "cores": [1]}, open(tmp_path / "multitask_seed0" / "timing.json", "w"))
   table, rows = experiments.build_table("utkface_cpu", str(tmp_path))
   assert [r["name"] for r in rows] == ["dldl_v2", "multitask"]
   assert "| DLDL-v2 (KL + L1 on the expectation) | 2 | 5.10 ± 0.14 | 0.600 ± 0.000 | 5.00 ± 0.14 |" in table
-  assert "| 0.900 |" in table
+  assert "| 0.900 | - | 10 | 1 |" in table
+  assert table.splitlines()[4].endswith("| - | - | - | - |")  # dldl_v2: no gender, race or timing.json
   assert experiments._val_curve(str(tmp_path / "dldl_v2_seed1")) == ([1.0, 2.0], [7.2, 6.2])
   assert experiments.main(["utkface_cpu", "--workdir", str(tmp_path), "--table_only"]) == 0
   md = (tmp_path / "results.md").read_text()
