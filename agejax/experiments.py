@@ -5,6 +5,20 @@
     python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --table_only
     python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --jobs 2   # 2 runs side by side
 
+Each run is `train.py` then `evaluate.py --split test` in its own sub-folder, so
+an interrupted suite resumes where it stopped (finished runs are skipped,
+half-finished ones resume from their checkpoint). The table (results.md and
+results.json in --workdir, with figures results_*.png) is rebuilt from the runs' eval/*.json files, so
+every figure in it was produced by a command.
+
+utkface_cpu: TinyAgeNet at 64x64 on 2 CPU cores (the `cpu` schedule: 16 epochs,
+about 45 min a run), horizontal flips as the only augmentation (the `dldl_v2_full_aug`
+entry has DLDL-v2's), flip-averaged test predictions. Rows: the loss
+family on the duplicate-safe split; multi-task (age + gender + race) with and
+without MSA against age alone on the same TinyAgeNet trunk; the same three on a
+ResNet-18 trunk (longer than an hour a run here); DLDL-v2 at 80 px (the hour's
+budget); DLDL-v2 on the CORAL 2019 split.
+
 --jobs N splits this process's cores into N groups and trains N runs at once,
 each pinned to its group, with its output in <run>/log.txt: for hosts with more
 cores than one small run uses well. On the 2-core CPU here it gains nothing (two
