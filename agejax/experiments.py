@@ -56,6 +56,8 @@ SUITES = {
         "dex": (f"configs/utkface.py:tiny,cpu,dex,{_AUG}", "DEX (cross-entropy, expectation)"),
         "mean_variance": (f"configs/utkface.py:tiny,cpu,mean_variance,{_AUG}", "Mean-variance"),
         "coral": (f"configs/utkface.py:tiny,cpu,coral,{_AUG}", "CORAL"),
+        "coral_prior": (f"configs/utkface.py:tiny,cpu,coral,{_AUG} --config.model.age_bias_init=prior",
+                        "CORAL, biases initialised at the training labels' logit P(y > l_k)"),
         "l1": (f"configs/utkface.py:tiny,cpu,l1,{_AUG}", "L1 regression"),
         "gaussian_nll": (f"configs/utkface.py:tiny,cpu,gaussian_nll,{_AUG}", "Gaussian NLL (MTMSA's Dirac-Gaussian KL)"),
         "multitask_tiny": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG}",

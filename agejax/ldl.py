@@ -70,6 +70,18 @@ def ranking_targets(ages, grid) -> jax.Array:
   return (ages[..., None] > grid[:-1]).astype(jnp.float32)
 
 
+def ranking_prior_logits(ages, grid, pseudo_count: float = 1.0) -> jax.Array:
+  """logit P(y > l_k), k = 0..K-2, over a set of ages (smoothed by `pseudo_count`).
+
+  As the biases of a CORAL / OR-CNN head they start every image at the label
+  prior instead of at one shared logit for all K-1 tasks (zero biases), which
+  puts every first prediction at one end of the grid.
+  """
+  targets = ranking_targets(ages, grid)
+  p = (jnp.sum(targets, axis=0) + pseudo_count) / (targets.shape[0] + 2.0 * pseudo_count)
+  return jnp.log(p) - jnp.log1p(-p)
+
+
 def cumulative(probs) -> jax.Array:
   """The cumulative distribution F_k = sum_{j <= k} p_j over the last axis.
 

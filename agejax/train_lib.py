@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from agejax import ldl, models, objectives
 from agejax.data import augment, builders, pipeline
+from agejax.models.heads import with_age_bias
 from agejax.reporting import MetricWriter, Progress
 
 
@@ -44,6 +45,10 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
 
 
+# Losses whose K-1 age biases model P(y > l_k) directly, so the label prior is their natural start.
+PRIOR_BIAS_LOSSES = ("coral", "ranking_bce")
+
+
 def validate(config: ml_collections.ConfigDict):
   """Fail before any computation on values the type-checked flags cannot catch."""
   objectives.get(config.loss.name)
@@ -56,6 +61,11 @@ def validate(config: ml_collections.ConfigDict):
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {jax.device_count()} devices.")
   if config.image_size < 32:
     raise ValueError(f"config.image_size={config.image_size}: the VGG trunks need at least 32 pixels.")
+  if config.model.get("age_bias_init", "zeros") not in ("zeros", "prior"):
+    raise ValueError(f"config.model.age_bias_init: {config.model.age_bias_init!r} is not zeros or prior.")
+  if config.model.get("age_bias_init", "zeros") == "prior" and config.loss.name not in PRIOR_BIAS_LOSSES:
+    raise ValueError(f"config.model.age_bias_init=prior sets logit P(y > l_k) as the biases of the losses "
+                     f"{PRIOR_BIAS_LOSSES}, not of {config.loss.name!r}.")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype: {config.model.dtype!r} is not float32, bfloat16 or float16.")
 
@@ -104,18 +114,21 @@ def make_mesh():
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def create_train_state(config, model, tx, rng, mesh) -> TrainState:
+def create_train_state(config, model, tx, rng, mesh, age_bias=None) -> TrainState:
+  """The initial state, replicated. `age_bias`: K-1 values replacing the ordinal heads' initial biases."""
   replicated = NamedSharding(mesh, P())
   x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
 
-  def init(rng):
+  def init(rng, age_bias):
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init({"params": init_rng, "dropout": init_rng}, x, train=False)
     params = variables["params"]
+    if age_bias is not None:
+      params = with_age_bias(params, model.heads.age_head, age_bias)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=state_rng)
 
-  return jax.jit(init, out_shardings=replicated)(rng)
+  return jax.jit(init, out_shardings=replicated)(rng, age_bias)
 
 
 def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
@@ -198,7 +211,12 @@ class Trainer:
         in_shardings=(self.replicated, self.data_sharding), out_shardings=self.data_sharding)
 
   def init_state(self) -> TrainState:
-    return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh)
+    age_bias = None
+    if self.config.model.get("age_bias_init", "zeros") == "prior":
+      ages = pipeline.label_array(self.train_source, "age")
+      age_bias = ldl.ranking_prior_logits(ages, self.grid)
+    return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh,
+                              age_bias)
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}

@@ -177,3 +177,32 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
   assert "loss became nan at step 5" in p.stderr.lower() and "last good checkpoint is step 3" in p.stderr
   step, params = restore_params(str(wd))
   assert step == 3 and all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_prior_bias_init_starts_coral_at_the_training_median(data_dir):
+  from configs import default
+  from agejax import ldl, objectives, train_lib
+  from agejax.data import augment, pipeline
+  c = default.get_config("smoke,coral")
+  c.dataset.name, c.dataset.data_dir = "folder", data_dir
+  zeros = train_lib.Trainer(c).init_state()
+  assert np.all(np.asarray(zeros.params["heads"]["age_biases"]) == 0)  # the authors' init stays the default
+  c.model.age_bias_init = "prior"
+  trainer = train_lib.Trainer(c)
+  state = trainer.init_state()
+  ages = pipeline.label_array(trainer.train_source, "age")
+  biases = np.asarray(state.params["heads"]["age_biases"])
+  np.testing.assert_allclose(biases, np.asarray(ldl.ranking_prior_logits(ages, trainer.grid)), rtol=1e-6)
+  assert not np.allclose(biases, 0)
+  # The first predictions sit near the training median; with zero biases, all K-1 tasks share one
+  # logit, so every image starts at one end of the grid.
+  batch = next(pipeline.eval_batches(trainer.train_source, size=c.image_size, global_batch=8))
+  def first_ages(s):
+    out = trainer.model.apply({"params": s.params, "batch_stats": s.batch_stats},
+                              augment.normalize(batch["image"]), train=False)
+    return np.asarray(objectives.predict(trainer.objective, out, trainer.grid)["age"])
+  assert np.all(np.abs(first_ages(state) - np.median(ages)) <= 2), (first_ages(state), np.median(ages))
+  assert set(first_ages(zeros).tolist()) <= {0.0, 100.0}
+  c.loss.name = "dldl_v2"
+  with pytest.raises(ValueError, match="age_bias_init=prior"):
+    train_lib.validate(c)

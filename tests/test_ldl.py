@@ -117,3 +117,14 @@ def test_property_distribution_valid(age, sigma):
   np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)
   if 0 <= age <= 100 and sigma < 5:
     assert abs(float(ldl.expectation(p, GRID)[0]) - age) < 0.6 + (0 if 3 * sigma < min(age, 100 - age) else sigma)
+
+
+def test_ranking_prior_logits_are_the_label_survival_function():
+  grid = ldl.label_grid(0, 10, 1)
+  ages = jnp.array([2.0, 3.0, 3.0, 7.0, 9.0])
+  z = ldl.ranking_prior_logits(ages, grid, pseudo_count=0.5)
+  exceed = np.array([(np.asarray(ages) > l).sum() for l in range(10)])
+  np.testing.assert_allclose(jax.nn.sigmoid(z), (exceed + 0.5) / (5 + 1.0), rtol=1e-5)
+  assert np.all(np.diff(np.asarray(z)) <= 0)  # P(y > l_k) never grows with k
+  # Decoding the prior itself gives the median age (3): #{k : P(y > l_k) > 1/2}.
+  assert int(np.sum(np.asarray(z) > 0)) == 3

@@ -48,6 +48,11 @@ class Decode(grain.transforms.Map):
     return out
 
 
+def label_array(source, key: str) -> np.ndarray:
+  """One label of every record of `source`, in record order (reads the records, decodes no image)."""
+  return np.asarray([source[i][key] for i in range(len(source))])
+
+
 def _with_index(source):
   """Attach each record's index (to join predictions back to file names)."""
   return grain.MapDataset.range(len(source)).map(lambda i: {**source[int(i)], "index": np.int32(i)})

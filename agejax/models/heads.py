@@ -54,3 +54,19 @@ class Heads(nn.Module):
     if self.race:
       out["race_logits"] = dense(self.num_races, "race")(feats)
     return out
+
+
+def with_age_bias(params: dict, age_head: str, bias) -> dict:
+  """`params` (an AgeNet's) with the age head's biases replaced by `bias` (K-1 values for the
+  coral and ordinal heads); the rest is shared, not copied."""
+  heads = dict(params["heads"])
+  if age_head == "coral":
+    heads["age_biases"] = jnp.asarray(bias, heads["age_biases"].dtype).reshape(heads["age_biases"].shape)
+  elif age_head == "ordinal":
+    age = dict(heads["age"])
+    age["bias"] = jnp.asarray(bias, age["bias"].dtype).reshape(age["bias"].shape)
+    heads["age"] = age
+  else:
+    raise ValueError(f"Setting the age biases is defined for the coral and ordinal heads, not {age_head!r}.")
+  return {**params, "heads": heads}
+
