@@ -3,6 +3,7 @@
     python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu            # every run of the suite
     python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --only dldl_v2 --seeds 1
     python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --table_only
+    python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --only dldl_v2 --seeds 2 --seed_start 1
     python -m agejax.experiments utkface_cpu --workdir runs/utk_cpu --jobs 2   # 2 runs side by side
 
 Each run is `train.py` then `evaluate.py --split test` in its own sub-folder, so
@@ -263,7 +264,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("suite", choices=sorted(SUITES))
   ap.add_argument("--workdir", required=True)
-  ap.add_argument("--seeds", type=int, default=3)
+  ap.add_argument("--seeds", type=int, default=3, help="runs per entry, seeds seed_start .. seed_start + seeds - 1")
+  ap.add_argument("--seed_start", type=int, default=0, help="first seed (adds seeds to an entry run before)")
   ap.add_argument("--only", nargs="*", help="run only these entries of the suite")
   ap.add_argument("--table_only", action="store_true")
   ap.add_argument("--manual_dir", help="folder with the dataset's files (default: the config's)")
@@ -283,7 +285,7 @@ def main(argv=None):
       ap.error(str(e))
   if not a.table_only:
     tasks = []
-    for seed in range(a.seeds):
+    for seed in range(a.seed_start, a.seed_start + a.seeds):
       for name, (config_arg, _) in entries.items():
         if a.only and name not in a.only:
           continue

@@ -198,3 +198,20 @@ def test_compare_torch_parses_cases_beyond_its_default_list():
   spec.loader.exec_module(ct)
   assert ct.parse_cases("tiny:64:train,resnet34:64:train:16,thin:96:infer") == [
       ("tiny", 64, 64, "train"), ("resnet34", 64, 16, "train"), ("thin", 96, 32, "infer")]
+
+
+def test_seed_start_adds_seeds_to_an_entry(monkeypatch, tmp_path):
+  """`--seeds 2 --seed_start 1` runs seeds 1 and 2 of the chosen entry only; the table then counts all three."""
+  _fake_run(tmp_path, "dldl_v2", 0, 5.0)
+  ran = []
+
+  def fake_run_one(config_arg, wd, seed, log_path=None):
+    ran.append((os.path.basename(wd), seed, config_arg.split(" ")[-1]))
+    _fake_run(tmp_path, "dldl_v2", seed, 5.0 + seed / 10)
+    return {"mae": 5.0}
+
+  monkeypatch.setattr(experiments, "run_one", fake_run_one)
+  args = ["utkface_cpu", "--workdir", str(tmp_path), "--only", "dldl_v2", "--seeds", "2", "--seed_start", "1"]
+  assert experiments.main(args) == 0
+  assert [(n, s) for n, s, _ in ran] == [("dldl_v2_seed1", 1), ("dldl_v2_seed2", 2)]
+  assert "| DLDL-v2 (KL + L1 on the expectation) | 3 | 5.10 ± 0.10 |" in (tmp_path / "results.md").read_text()
