@@ -90,16 +90,29 @@ def test_smoke_train_then_evaluate_through_the_clis(tmp_path, data_dir):
 
 
 def test_four_devices_match_one_device(tmp_path, data_dir):
-  run(["tests/run_steps.py", data_dir, str(tmp_path / "one.npz"), "3"], devices=1)
-  p = run(["tests/run_steps.py", data_dir, str(tmp_path / "four.npz"), "3"], devices=4)
+  run(["tests/run_steps.py", data_dir, str(tmp_path / "one.npz"), "1"], devices=1)
+  p = run(["tests/run_steps.py", data_dir, str(tmp_path / "four.npz"), "1"], devices=4)
   assert "devices=4" in p.stdout
-  one, four = load_params(tmp_path / "one.npz"), load_params(tmp_path / "four.npz")
-  assert one.keys() == four.keys()
-  for k in one:
-    # Adam amplifies float reordering noise only where gradients are ~0: a few elements
-    # may differ by ~1e-4, the bulk must agree to float precision.
-    np.testing.assert_allclose(one[k], four[k], rtol=1e-3, atol=3e-4, err_msg=k)
-    assert np.mean(np.abs(one[k] - four[k])) < 1e-5 * max(1.0, np.mean(np.abs(one[k]))), k
+  assert_same_step(load_params(tmp_path / "one.npz"), load_params(tmp_path / "four.npz"))
+
+
+def assert_same_step(a, b, lr=1e-3):
+  """One Adam step on 1 vs N devices: the global batch statistics agree to float precision, and
+  the update (+-lr per weight on the first step) agrees but where float reordering flips the sign
+  of a near-zero gradient (then by 2 lr). Over more steps Adam spreads those flips through the
+  whole net (seen on an AVX-512 CPU), so one step is what can be compared exactly. A per-device
+  statistic or gradient would break the first check or flip a large share of the signs."""
+  assert a.keys() == b.keys()
+  flipped = total = 0
+  for k in a:
+    if k.startswith("['batch_stats']"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    else:
+      d = np.abs(a[k] - b[k])
+      assert d.max() <= 2 * lr * 1.01, k
+      flipped += int(np.sum(d > 1e-5))
+      total += d.size
+  assert flipped <= 0.005 * total, (flipped, total)
 
 
 def _free_port():
@@ -109,9 +122,9 @@ def _free_port():
 
 
 def test_two_processes_match_one_process(tmp_path, data_dir):
-  run(["tests/run_steps.py", data_dir, str(tmp_path / "single.npz"), "3"], devices=4)
+  run(["tests/run_steps.py", data_dir, str(tmp_path / "single.npz"), "1"], devices=4)
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "tests/run_steps.py", data_dir, str(tmp_path / "multi.npz"), "3",
+  procs = [subprocess.Popen([sys.executable, "tests/run_steps.py", data_dir, str(tmp_path / "multi.npz"), "1",
                              "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
                             cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -119,10 +132,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-4000:]
     assert "devices=4 processes=2" in o
-  single, multi = load_params(tmp_path / "single.npz"), load_params(tmp_path / "multi.npz")
-  for k in single:
-    np.testing.assert_allclose(single[k], multi[k], rtol=1e-3, atol=3e-4, err_msg=k)
-    assert np.mean(np.abs(single[k] - multi[k])) < 1e-5 * max(1.0, np.mean(np.abs(single[k]))), k
+  assert_same_step(load_params(tmp_path / "single.npz"), load_params(tmp_path / "multi.npz"))
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir):

@@ -157,7 +157,7 @@ def test_suite_entries_configure_what_their_names_say():
     assert (c.model.name, c.model.gender, c.model.race) == (expected_model, heads, heads), name
     assert (len(c.model.msa_stages) > 0 or "--config.model.msa_stages" in arg) == ("_msa" in name), name
     if not heads and expected_model == "tiny":
-      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", "").replace("_tuned", "").replace("_80px", ""), name
+      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", "").replace("_tuned", "").replace("_80px", "").replace("_prior", ""), name
     else:
       assert c.loss.name == "dldl_v2", name
     assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
