@@ -254,7 +254,7 @@ def load_checkpoint(trainer, workdir: str, which: str):
         raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}/checkpoints; have {last_mgr.all_steps()}.")
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}: train first (python train.py --workdir {workdir} ...).")
-    return train_lib.restore_state(mgr, step, trainer.init_state())
+    return train_lib.restore_state(mgr, step, trainer.init_state(fresh=False))
   finally:
     last_mgr.close()
     best_mgr.close()

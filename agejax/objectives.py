@@ -51,6 +51,11 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
 ]}
 
 
+# Losses whose K-1 age biases model P(y > l_k) directly, so the label prior is their natural start
+# (`model.age_bias_init=prior`; CORN's tasks are conditional, so its prior would differ).
+PRIOR_BIAS_LOSSES = ("coral", "ranking_bce")
+
+
 def get(name: str) -> Objective:
   if name not in OBJECTIVES:
     raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(OBJECTIVES)}.")

@@ -45,10 +45,6 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
 
 
-# Losses whose K-1 age biases model P(y > l_k) directly, so the label prior is their natural start.
-PRIOR_BIAS_LOSSES = ("coral", "ranking_bce")
-
-
 def validate(config: ml_collections.ConfigDict):
   """Fail before any computation on values the type-checked flags cannot catch."""
   objectives.get(config.loss.name)
@@ -61,11 +57,11 @@ def validate(config: ml_collections.ConfigDict):
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {jax.device_count()} devices.")
   if config.image_size < 32:
     raise ValueError(f"config.image_size={config.image_size}: the VGG trunks need at least 32 pixels.")
-  if config.model.get("age_bias_init", "zeros") not in ("zeros", "prior"):
+  if config.model.age_bias_init not in ("zeros", "prior"):
     raise ValueError(f"config.model.age_bias_init: {config.model.age_bias_init!r} is not zeros or prior.")
-  if config.model.get("age_bias_init", "zeros") == "prior" and config.loss.name not in PRIOR_BIAS_LOSSES:
+  if config.model.age_bias_init == "prior" and config.loss.name not in objectives.PRIOR_BIAS_LOSSES:
     raise ValueError(f"config.model.age_bias_init=prior sets logit P(y > l_k) as the biases of the losses "
-                     f"{PRIOR_BIAS_LOSSES}, not of {config.loss.name!r}.")
+                     f"{objectives.PRIOR_BIAS_LOSSES}, not of {config.loss.name!r}.")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype: {config.model.dtype!r} is not float32, bfloat16 or float16.")
 
@@ -210,9 +206,11 @@ class Trainer:
                           flip_tta=config.flip_tta),
         in_shardings=(self.replicated, self.data_sharding), out_shardings=self.data_sharding)
 
-  def init_state(self) -> TrainState:
+  def init_state(self, fresh: bool = True) -> TrainState:
+    """The initial state. fresh=False: only a template for restoring a checkpoint, whose values
+    are overwritten, so the training labels are not read for the label-prior biases."""
     age_bias = None
-    if self.config.model.get("age_bias_init", "zeros") == "prior":
+    if fresh and self.config.model.age_bias_init == "prior":
       ages = pipeline.label_array(self.train_source, "age")
       age_bias = ldl.ranking_prior_logits(ages, self.grid)
     return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh,
@@ -293,9 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f.write(config.to_json_best_effort(indent=2))
   writer = MetricWriter(workdir, enabled=is_main)
   last_mgr, best_mgr = checkpoint_managers(workdir, config)
-  state = trainer.init_state()
-  it = trainer.train_iterator()
   start = last_mgr.latest_step()
+  state = trainer.init_state(fresh=start is None)
+  it = trainer.train_iterator()
   if start is not None:
     state = restore_state(last_mgr, start, state, it)
     writer.log_text(f"Resumed from step {start} in {workdir}/checkpoints.")

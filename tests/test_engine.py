@@ -204,6 +204,8 @@ def test_prior_bias_init_starts_coral_at_the_training_median(data_dir):
   biases = np.asarray(state.params["heads"]["age_biases"])
   np.testing.assert_allclose(biases, np.asarray(ldl.ranking_prior_logits(ages, trainer.grid)), rtol=1e-6)
   assert not np.allclose(biases, 0)
+  # A restore template does not read the labels: its values are overwritten by the checkpoint.
+  assert np.all(np.asarray(trainer.init_state(fresh=False).params["heads"]["age_biases"]) == 0)
   # The first predictions sit near the training median; with zero biases, all K-1 tasks share one
   # logit, so every image starts at one end of the grid.
   batch = next(pipeline.eval_batches(trainer.train_source, size=c.image_size, global_batch=8))

@@ -69,4 +69,3 @@ def with_age_bias(params: dict, age_head: str, bias) -> dict:
   else:
     raise ValueError(f"Setting the age biases is defined for the coral and ordinal heads, not {age_head!r}.")
   return {**params, "heads": heads}
-
