@@ -17,8 +17,9 @@ about 45 min a run), horizontal flips as the only augmentation (the `dldl_v2_ful
 entry has DLDL-v2's), flip-averaged test predictions. Rows: the loss
 family on the duplicate-safe split; multi-task (age + gender + race) with and
 without MSA against age alone on the same TinyAgeNet trunk; the same three on a
-ResNet-18 trunk (longer than an hour a run here); DLDL-v2 at 80 px (the hour's
-budget); DLDL-v2 on the CORAL 2019 split.
+ResNet-18 trunk (longer than an hour a run here); the hour's budget spent on
+80 px (`dldl_v2_80px`) or on 24 epochs (`dldl_v2_hour`, `multitask_tiny_hour`);
+DLDL-v2 on the CORAL 2019 split.
 
 --jobs N splits this process's cores into N groups and trains N runs at once,
 each pinned to its group, with its output in <run>/log.txt: for hosts with more
@@ -53,6 +54,9 @@ SUITES = {
                           "DLDL-v2, agejax's recipe (cosine, AdamW, flips + shifts)"),
         "dldl_v2_80px": (f"configs/utkface.py:tiny,cpu,dldl_v2,{_AUG} --config.image_size=80",
                          "DLDL-v2 at 80x80 (1.56x the FLOPs: the hour's budget)"),
+        "dldl_v2_hour": (f"configs/utkface.py:tiny,cpu,dldl_v2,{_AUG} --config.num_epochs=24 "
+                         "--config.optimizer.decay_epochs=(18,)",
+                         "DLDL-v2, 24 epochs (the hour's budget on 2 cores)"),
         "dldl": (f"configs/utkface.py:tiny,cpu,dldl,{_AUG}", "DLDL (KL only)"),
         "dex": (f"configs/utkface.py:tiny,cpu,dex,{_AUG}", "DEX (cross-entropy, expectation)"),
         "mean_variance": (f"configs/utkface.py:tiny,cpu,mean_variance,{_AUG}", "Mean-variance"),
@@ -63,6 +67,9 @@ SUITES = {
         "gaussian_nll": (f"configs/utkface.py:tiny,cpu,gaussian_nll,{_AUG}", "Gaussian NLL (MTMSA's Dirac-Gaussian KL)"),
         "multitask_tiny": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG}",
                            "DLDL-v2, age + gender + race heads (same TinyAgeNet trunk)"),
+        "multitask_tiny_hour": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG} --config.num_epochs=24 "
+                                "--config.optimizer.decay_epochs=(18,)",
+                                "DLDL-v2, age + gender + race, 24 epochs (the hour's budget on 2 cores)"),
         "multitask_msa_tiny": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG} --config.model.msa_stages=(4,5)",
                                "DLDL-v2, age + gender + race, MSA after TinyAgeNet blocks 4 and 5"),
         "resnet18_age": (f"configs/utkface.py:resnet18,cpu,dldl_v2,{_AUG}", "ResNet-18, age alone"),

@@ -152,12 +152,13 @@ def test_suite_entries_configure_what_their_names_say():
     c = cfg_module.get_config(arg.split(" ")[0].split(":", 1)[1])
     assert (c.image_size, c.num_epochs) == (64, 16), name
     assert ("--config.image_size=80" in arg) == name.endswith("_80px"), name
+    assert ("--config.num_epochs=24" in arg) == name.endswith("_hour"), name
     expected_model = "resnet18" if name.startswith("resnet18") or name in ("multitask", "multitask_msa") else "tiny"
     heads = name.startswith("multitask")
     assert (c.model.name, c.model.gender, c.model.race) == (expected_model, heads, heads), name
     assert (len(c.model.msa_stages) > 0 or "--config.model.msa_stages" in arg) == ("_msa" in name), name
     if not heads and expected_model == "tiny":
-      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", "").replace("_tuned", "").replace("_80px", "").replace("_prior", ""), name
+      assert c.loss.name == name.replace("coral2019_", "").replace("_full_aug", "").replace("_tuned", "").replace("_80px", "").replace("_prior", "").replace("_hour", ""), name
     else:
       assert c.loss.name == "dldl_v2", name
     assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
