@@ -70,6 +70,8 @@ SUITES = {
         "multitask_tiny_hour": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG} --config.num_epochs=24 "
                                 "--config.optimizer.decay_epochs=(18,)",
                                 "DLDL-v2, age + gender + race, 24 epochs (the hour's budget on 2 cores)"),
+        "multitask_tiny_tuned_hour": ("configs/utkface.py:tiny,cpu,dldl_v2,multitask,tuned --config.num_epochs=24",
+                                      "DLDL-v2, age + gender + race, `tuned` recipe (cosine, AdamW, flips + shifts), 24 epochs"),
         "multitask_msa_tiny": (f"configs/utkface.py:tiny,cpu,dldl_v2,multitask,{_AUG} --config.model.msa_stages=(4,5)",
                                "DLDL-v2, age + gender + race, MSA after TinyAgeNet blocks 4 and 5"),
         "resnet18_age": (f"configs/utkface.py:resnet18,cpu,dldl_v2,{_AUG}", "ResNet-18, age alone"),
