@@ -127,7 +127,12 @@ def test_bundled_model_gives_plausible_age_for_astronaut(tmp_path):
   assert p.returncode == 0, p.stderr
   rec = json.loads(p.stdout.splitlines()[0])
   assert len(rec["faces"]) == 1
-  assert 20 <= rec["faces"][0]["age"] <= 60  # Eileen Collins was about 35-40 in that NASA portrait
+  face = rec["faces"][0]
+  assert 20 <= face["age"] <= 60  # Eileen Collins was about 35-40 in that NASA portrait
+  assert face["interval90"][0] <= face["age"] <= face["interval90"][1]
+  # The bundled model is multi-task (age + gender + race heads): she is a woman.
+  assert face["gender"]["label"] == "female" and face["gender"]["prob"] > 0.5
+  assert face["race"]["label"] in ("White", "Black", "Asian", "Indian", "Other")
 
 
 def test_missing_faces_extra_names_it(monkeypatch):
