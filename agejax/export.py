@@ -112,7 +112,7 @@ def main(argv=None):
     from agejax import cli, evaluate_lib, train_lib
     F = flags.FLAGS
     cli.setup_jax(F.config)
-    trainer = train_lib.Trainer(F.config, F.workdir)
+    trainer = train_lib.Trainer(F.config, F.workdir, with_data=False)  # the dataset may not be here
     state = evaluate_lib.load_checkpoint(trainer, F.workdir, F.checkpoint)
     out = export_state(trainer, state, F.out or os.path.join(F.workdir, "export"),
                        {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))})

@@ -176,7 +176,10 @@ def eval_step(state: TrainState, batch, *, model, objective, grid, flip_tta: boo
 class Trainer:
   """Holds the compiled steps, shardings and data for one configuration."""
 
-  def __init__(self, config, workdir: str | None = None):
+  def __init__(self, config, workdir: str | None = None, with_data: bool = True):
+    """with_data=False opens no dataset (nor builds one): enough to restore a checkpoint and run the
+    model, e.g. to export it on a machine without the training data. The optimizer's state has the
+    same structure for any schedule, so steps_per_epoch is then a placeholder."""
     validate(config)
     self.config = config
     self.workdir = workdir
@@ -187,10 +190,14 @@ class Trainer:
     self.grid = make_grid(config)
     self.model = make_model(config)
     ds = config.dataset
-    self.builder = builders.ensure_built(ds.name, ds.config or None, ds.data_dir or None, ds.manual_dir or None,
-                                         on_error=ds.on_error)
-    self.train_source = self.builder.as_data_source(ds.train_split)
-    self.steps_per_epoch = max(1, len(self.train_source) // config.batch_size)
+    if with_data:
+      self.builder = builders.ensure_built(ds.name, ds.config or None, ds.data_dir or None, ds.manual_dir or None,
+                                           on_error=ds.on_error)
+      self.train_source = self.builder.as_data_source(ds.train_split)
+      self.steps_per_epoch = max(1, len(self.train_source) // config.batch_size)
+    else:
+      self.builder = self.train_source = None
+      self.steps_per_epoch = 1
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
                       else int(config.num_epochs * self.steps_per_epoch))
     with config.unlocked():

@@ -87,6 +87,17 @@ def test_smoke_train_then_evaluate_through_the_clis(tmp_path, data_dir):
   for fig in ("pred_vs_true", "per_group", "cs_curve", "examples"):
     assert os.path.getsize(wd / "eval" / f"test_{fig}.png") > 1000
   assert "MAE" in open(wd / "eval" / "test.md").read()
+  # Exporting needs the checkpoint, not the dataset: point the config at an empty data folder.
+  p = run(["-m", "agejax.export", "--config", "configs/default.py:smoke", "--workdir", str(wd),
+           "--config.dataset.name=folder", f"--config.dataset.data_dir={tmp_path / 'no_data'}",
+           "--out", str(wd / "export")])
+  assert not os.path.exists(tmp_path / "no_data")
+  from agejax import export
+  model = export.load(str(wd / "export"))
+  assert model.meta["step"] == 6 and model.meta["dataset"] == "folder"
+  out = model.predict(np.zeros((3, 32, 32, 3), np.uint8))
+  assert out["age"].shape == (3,) and np.all(np.isfinite(out["age"]))
+  np.testing.assert_allclose(out["probs"].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_four_devices_match_one_device(tmp_path, data_dir):
