@@ -18,7 +18,7 @@ entry has DLDL-v2's), flip-averaged test predictions. Rows: the loss
 family on the duplicate-safe split; multi-task (age + gender + race) with and
 without MSA against age alone on the same TinyAgeNet trunk; the same three on a
 ResNet-18 trunk (longer than an hour a run here); the hour's budget spent on
-80 px (`dldl_v2_80px`) or on 24 epochs (`dldl_v2_hour`, `multitask_tiny_hour`,
+80 px (`dldl_v2_80px`) or on 24 epochs (`dldl_v2_hour`, `dldl_v2_tuned_hour`, `multitask_tiny_hour`,
 `multitask_tiny_tuned_hour`: test MAE 4.80, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split.
 
 --jobs N splits this process's cores into N groups and trains N runs at once,
@@ -58,6 +58,8 @@ SUITES = {
                          "DLDL-v2 at 80x80 (1.56x the FLOPs: the hour's budget)"),
         "dldl_v2_hour": (f"configs/utkface.py:tiny,cpu,dldl_v2,{_AUG} {_HOUR}",
                          "DLDL-v2, 24 epochs (the hour's budget on 2 cores)"),
+        "dldl_v2_tuned_hour": ("configs/utkface.py:tiny,cpu,dldl_v2,tuned --config.num_epochs=24",
+                               "DLDL-v2, `tuned` recipe, 24 epochs: age alone, the hour's multi-task run's recipe"),
         "dldl": (f"configs/utkface.py:tiny,cpu,dldl,{_AUG}", "DLDL (KL only)"),
         "dex": (f"configs/utkface.py:tiny,cpu,dex,{_AUG}", "DEX (cross-entropy, expectation)"),
         "mean_variance": (f"configs/utkface.py:tiny,cpu,mean_variance,{_AUG}", "Mean-variance"),
