@@ -1,6 +1,12 @@
 """agejax vs the PyTorch reference, side by side in one run, same machine, same threads.
 
     python bench/compare_torch.py --torch_python /path/to/venv-with-torch/bin/python [--quick]
+    python3 bench/compare_torch.py --torch_python python3 --gpu    # on a GPU: bf16, torch.compile
+
+`--gpu` is issue 3's GPU table: batch 32 and 256 of the CPU table's training cases, plus
+the 32-image forward at 224 px that DLDL-v2 reports (51.05 ms Thin, 24.26 ms Tiny, on an
+M40), with bf16 on both sides (agejax `--dtype bfloat16`; PyTorch autocast, channels_last,
+torch.compile). `bench/gpu_table.sh` runs it on the lent GPU machine.
 
 For each case it runs `python -m agejax.bench` and `../shared/bench/torch_reference.py`
 one after the other (never concurrently), `--rounds` times with the order alternating
@@ -24,6 +30,8 @@ CASES = [  # (model, size, batch, mode)
     ("thin", 64, 32, "train"), ("thin", 224, 16, "train"), ("thin", 224, 32, "infer"),
     ("resnet34", 112, 32, "train"),
 ]
+GPU_CASES = [(m, s, b, "train") for m, s in (("tiny", 64), ("thin", 64), ("thin", 224), ("resnet34", 112))
+             for b in (32, 256)] + [("tiny", 224, 32, "infer"), ("thin", 224, 32, "infer")]
 
 
 def parse_cases(only: str) -> list[tuple[str, int, int, str]]:
@@ -35,14 +43,26 @@ def parse_cases(only: str) -> list[tuple[str, int, int, str]]:
   return cases
 
 
-def _json_line(cmd, env=None):
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
-  return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+def commands(case, a) -> tuple[list[str], list[str]]:
+  """The agejax and PyTorch command lines for one (model, size, batch, mode) case."""
+  model, size, batch, mode = case
+  common = ["--model", model, "--size", str(size), "--batch", str(batch), "--mode", mode,
+            "--steps", str(a.steps), "--repeats", str(a.repeats)]
+  jax_cmd = [sys.executable, "-m", "agejax.bench", "--dtype", a.dtype] + common
+  torch_cmd = [a.torch_python, a.torch_ref, "--threads", str(a.threads)] + common
+  if a.device:
+    torch_cmd += ["--device", a.device]
+  if a.dtype == "bfloat16":
+    torch_cmd.append("--bf16")
+  if a.torch_compile:
+    torch_cmd.append("--compile")
+  return jax_cmd, torch_cmd
 
 
-def main():
+def parse_args(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--torch_python", required=True)
+  ap.add_argument("--torch_ref", default=TORCH_REF, help="path of torch_reference.py")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--repeats", type=int, default=3)
@@ -51,14 +71,32 @@ def main():
   ap.add_argument("--only", default="",
                   help="comma-separated model:size:mode[:batch] cases, e.g. tiny:64:train or resnet34:64:train:32 "
                        "(any case, not only the default list; batch defaults to the list's or 32)")
-  a = ap.parse_args()
-  cases = [c for c in CASES if not a.quick or c[1] == 64] if not a.only else parse_cases(a.only)
+  ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                  help="compute dtype of both (PyTorch: autocast); default float32, bfloat16 with --gpu")
+  ap.add_argument("--device", default=None, help="PyTorch's device (default: its own, cuda when it sees one)")
+  ap.add_argument("--torch_compile", action="store_true", help="torch.compile PyTorch's step (on with --gpu)")
+  ap.add_argument("--gpu", action="store_true", help="the GPU table: GPU_CASES, bfloat16, torch.compile")
+  a = ap.parse_args(argv)
+  a.dtype = a.dtype or ("bfloat16" if a.gpu else "float32")
+  a.torch_compile = a.torch_compile or a.gpu
+  if a.only:
+    a.cases = parse_cases(a.only)
+  else:
+    a.cases = GPU_CASES if a.gpu else [c for c in CASES if not a.quick or c[1] == 64]
+  return a
+
+
+def _json_line(cmd, env=None):
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
+  return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+
+
+def main(argv=None):
+  a = parse_args(argv)
   rows = []
-  for model, size, batch, mode in cases:
-    common = ["--model", model, "--size", str(size), "--batch", str(batch), "--mode", mode,
-              "--steps", str(a.steps), "--repeats", str(a.repeats)]
-    jax_cmd = [sys.executable, "-m", "agejax.bench"] + common
-    torch_cmd = [a.torch_python, TORCH_REF, "--threads", str(a.threads)] + common
+  for case in a.cases:
+    model, size, batch, mode = case
+    jax_cmd, torch_cmd = commands(case, a)
     jr, tr = [], []
     for r in range(a.rounds):
       if r % 2 == 0:
@@ -72,15 +110,18 @@ def main():
            "jax_images_per_s": round(statistics.median(jr), 2), "torch_images_per_s": round(statistics.median(tr), 2),
            "ratio_jax_over_torch": round(statistics.median(ratios), 3),
            "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3), "rounds": a.rounds,
+           "jax_ms_per_batch": round(1000 * batch / statistics.median(jr), 2),
+           "torch_ms_per_batch": round(1000 * batch / statistics.median(tr), 2),
            "gflops_per_image": j["gflops_per_image"], "params": j["params"], "jax": j["version"], "torch": t["version"],
-           "threads": a.threads}
+           "dtype": a.dtype, "torch_compile": a.torch_compile, "device": j["device"], "threads": a.threads}
     rows.append(row)
     print(json.dumps(row), flush=True)
-  print("\n| model | input | batch | mode | agejax img/s | PyTorch img/s | ratio (median) | ratio range |\n"
-        "|---|---|---|---|---|---|---|---|")
+  print("\n| model | input | batch | mode | agejax img/s | PyTorch img/s | agejax ms/batch | PyTorch ms/batch "
+        "| ratio (median) | ratio range |\n|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | {r['jax_images_per_s']} | "
-          f"{r['torch_images_per_s']} | {r['ratio_jax_over_torch']} | {r['ratio_min']}-{r['ratio_max']} |")
+          f"{r['torch_images_per_s']} | {r['jax_ms_per_batch']} | {r['torch_ms_per_batch']} | "
+          f"{r['ratio_jax_over_torch']} | {r['ratio_min']}-{r['ratio_max']} |")
 
 
 if __name__ == "__main__":

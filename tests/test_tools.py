@@ -192,13 +192,33 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     train_lib.make_optimizer(c, steps_per_epoch=200)
 
 
-def test_compare_torch_parses_cases_beyond_its_default_list():
+def _compare_torch():
   import importlib.util
   spec = importlib.util.spec_from_file_location("compare_torch", os.path.join(experiments.ROOT, "bench", "compare_torch.py"))
   ct = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(ct)
-  assert ct.parse_cases("tiny:64:train,resnet34:64:train:16,thin:96:infer") == [
+  return ct
+
+
+def test_compare_torch_parses_cases_beyond_its_default_list():
+  assert _compare_torch().parse_cases("tiny:64:train,resnet34:64:train:16,thin:96:infer") == [
       ("tiny", 64, 64, "train"), ("resnet34", 64, 16, "train"), ("thin", 96, 32, "infer")]
+
+
+def test_compare_torch_gpu_preset_runs_both_sides_in_bf16_with_torch_compile():
+  """--gpu is issue 3's GPU table: batch 32 and 256 of the training cases plus the paper's 32-image forward."""
+  ct = _compare_torch()
+  a = ct.parse_args(["--torch_python", "py", "--gpu", "--torch_ref", "ref.py"])
+  assert {(m, s) for m, s, _, mode in a.cases if mode == "train"} == {("tiny", 64), ("thin", 64), ("thin", 224), ("resnet34", 112)}
+  assert {b for *_, b, mode in a.cases if mode == "train"} == {32, 256}
+  assert ("thin", 224, 32, "infer") in a.cases and ("tiny", 224, 32, "infer") in a.cases
+  jax_cmd, torch_cmd = ct.commands(("thin", 224, 256, "train"), a)
+  assert jax_cmd[jax_cmd.index("--dtype") + 1] == "bfloat16" and jax_cmd[jax_cmd.index("--batch") + 1] == "256"
+  assert torch_cmd[:2] == ["py", "ref.py"] and "--bf16" in torch_cmd and "--compile" in torch_cmd
+  cpu = ct.parse_args(["--torch_python", "py", "--quick"])
+  jax_cmd, torch_cmd = ct.commands(cpu.cases[0], cpu)
+  assert cpu.dtype == "float32" and all(c[1] == 64 for c in cpu.cases)
+  assert "--bf16" not in torch_cmd and "--compile" not in torch_cmd and "--device" not in torch_cmd
 
 
 def test_seed_start_adds_seeds_to_an_entry(monkeypatch, tmp_path):
