@@ -221,6 +221,21 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_stored_input_is_an_exact_identity_that_divides_only_under_differentiation():
+  """The kernel-gradient helper changes no number: forward bitwise x, gradient the identity."""
+  from agejax.models.conv import stored_input
+  # Denormals left out: XLA:CPU flushes them to zero in every arithmetic op (max(x, 0) too), so no
+  # activation it computed holds one.
+  x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(0), (1000,)) * 1e3,
+                       jnp.array([0.0, -0.0, 1.2e-38, -3e38, 3e38, 7.0])])
+  y, vjp = jax.vjp(stored_input, x)
+  np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
+  g = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  np.testing.assert_array_equal(vjp(g)[0], g)
+  assert " div " not in str(jax.make_jaxpr(lambda x: stored_input(x) * 2)(x))   # inference: free
+  assert " div " in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(stored_input(x) ** 2)))(x))
+
+
 def test_conv2d_takes_the_tap_sum_only_where_it_was_measured_faster():
   from agejax.models.conv import use_taps
   assert use_taps((2, 2), (3, 3), 1, 1, 1)        # ResNet stage 4 at 64 px: 841 -> 24 ms
