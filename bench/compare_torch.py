@@ -86,8 +86,8 @@ def parse_args(argv=None):
   return a
 
 
-def _json_line(cmd, env=None):
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, check=True).stdout
+def _json_line(cmd):
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
   return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 

@@ -89,8 +89,8 @@ def test_smoke_train_then_evaluate_through_the_clis(tmp_path, data_dir):
   assert "MAE" in open(wd / "eval" / "test.md").read()
   # Exporting needs the checkpoint, not the dataset: point the config at an empty data folder.
   run(["-m", "agejax.export", "--config", "configs/default.py:smoke", "--workdir", str(wd),
-           "--config.dataset.name=folder", f"--config.dataset.data_dir={tmp_path / 'no_data'}",
-           "--out", str(wd / "export")])
+       "--config.dataset.name=folder", f"--config.dataset.data_dir={tmp_path / 'no_data'}",
+       "--out", str(wd / "export")])
   assert not os.path.exists(tmp_path / "no_data")
   from agejax import export
   model = export.load(str(wd / "export"))
