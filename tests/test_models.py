@@ -177,6 +177,11 @@ def test_channel_sum_is_at_least_as_precise_as_a_reduction():
     exact = x.reshape(-1, shape[-1]).astype(np.float64).sum(0)
     err = lambda y, exact=exact: np.max(np.abs(np.asarray(y, np.float64) - exact)) / np.abs(exact).max()
     assert err(channel_sum(x)) <= max(err(jnp.sum(x, axis=(0, 1, 2))), 2e-7)
+  # bfloat16 activations are summed in float32: only their own rounding is lost, not the sum's.
+  xb = jnp.asarray(np.random.RandomState(1).randn(16, 16, 16, 8) + 1, jnp.bfloat16)
+  exact = np.asarray(xb, np.float64).reshape(-1, 8).sum(0)
+  assert channel_sum(xb).dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(channel_sum(xb), np.float64), exact, rtol=1e-6)
 
 
 def test_batch_norm_gradient_through_returned_statistics():
