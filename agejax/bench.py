@@ -64,22 +64,26 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
   state, x, ages, train, infer = make_steps(model, variables, batch, size)
   if mode == "train":
     flops = flops_of(train, state, x, ages)
-    step = lambda s: train(s, x, ages)[0]
+
+    def step(s):  # returns (state, what to wait for): the new state
+      s = train(s, x, ages)[0]
+      return s, s
   else:
     flops = flops_of(infer, state, x)
-    step = lambda s: (infer(s, x), s)[1]
-    out = infer(state, x)
+
+    def step(s):  # one forward pass a step; the state passes through unchanged
+      return s, infer(s, x)
   for _ in range(2):
-    state = step(state)
-  jax.block_until_ready(state)
+    state, out = step(state)
+  jax.block_until_ready(out)
   rates = []
   for _ in range(repeats):
     t = time.perf_counter()
+    outs = []
     for _ in range(steps):
-      state = step(state)
-      if mode == "infer":
-        out = infer(state, x)
-    jax.block_until_ready((state, out) if mode == "infer" else state)
+      state, out = step(state)
+      outs.append(out if mode == "infer" else None)  # a train step's state is donated to the next
+    jax.block_until_ready((state, outs))
     rates.append(batch * steps / (time.perf_counter() - t))
   return {"framework": "jax", "version": jax.__version__, "model": model_name, "mode": mode, "size": size,
           "batch": batch, "dtype": dtype, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),

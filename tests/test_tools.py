@@ -16,6 +16,30 @@ def test_bench_reports_params_flops_and_rate():
   assert 0 < i["gflops_per_image"] < r["gflops_per_image"]  # inference is cheaper than a train step
 
 
+def test_bench_runs_the_network_once_per_timed_step(monkeypatch):
+  """The rate is batch * steps / time, so each timed step must be exactly one call (the loop once ran
+  inference twice a step and reported half the rate)."""
+  calls = {"train": 0, "infer": 0}
+  make_steps = bench.make_steps
+
+  def counting(*args):
+    state, x, ages, train, infer = make_steps(*args)
+
+    def count(name, f):
+      def g(*a):
+        calls[name] += 1
+        return f(*a)
+      g.lower = f.lower  # flops_of compiles without calling
+      return g
+    return state, x, ages, count("train", train), count("infer", infer)
+
+  monkeypatch.setattr(bench, "make_steps", counting)
+  for mode in ("train", "infer"):
+    bench.run("tiny", 32, 2, mode, steps=3, repeats=2, dtype="float32")
+    assert calls[mode] == 2 + 3 * 2  # two warm-up steps, then repeats x steps
+  assert calls == {"train": 8, "infer": 8}
+
+
 def _fake_run(workdir, name, seed, mae, gender=None):
   d = os.path.join(workdir, f"{name}_seed{seed}", "eval")
   os.makedirs(d)
