@@ -62,27 +62,22 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
   model = models.create(model_name, dtype=dtype)
   variables = models.init(model, jax.random.PRNGKey(0), size)
   state, x, ages, train, infer = make_steps(model, variables, batch, size)
-  if mode == "train":
+  if mode == "train":  # step returns (state, output); a train step has no output but its new state
     flops = flops_of(train, state, x, ages)
-
-    def step(s):  # returns (state, what to wait for): the new state
-      s = train(s, x, ages)[0]
-      return s, s
-  else:
+    step = lambda s: (train(s, x, ages)[0], None)
+  else:  # one forward pass a step; the state passes through unchanged
     flops = flops_of(infer, state, x)
-
-    def step(s):  # one forward pass a step; the state passes through unchanged
-      return s, infer(s, x)
+    step = lambda s: (s, infer(s, x))
   for _ in range(2):
     state, out = step(state)
-  jax.block_until_ready(out)
+  jax.block_until_ready((state, out))
   rates = []
   for _ in range(repeats):
     t = time.perf_counter()
     outs = []
     for _ in range(steps):
       state, out = step(state)
-      outs.append(out if mode == "infer" else None)  # a train step's state is donated to the next
+      outs.append(out)
     jax.block_until_ready((state, outs))
     rates.append(batch * steps / (time.perf_counter() - t))
   return {"framework": "jax", "version": jax.__version__, "model": model_name, "mode": mode, "size": size,

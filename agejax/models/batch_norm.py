@@ -6,8 +6,8 @@ update and the same "fast variance" E[x^2] - E[x]^2. Why it exists: XLA:CPU
 rewrites every large reduction into a tree of reduce-windows, and the 4
 per-channel reductions of each BN layer (2 forward, 2 backward) took about
 100 ms of a 480 ms TinyAgeNet step at 64 px. Written as short fused reduces
-and dots with a vector of ones they run at memory speed. On sharded inputs the dots reduce over the
-global batch, as nn.BatchNorm does.
+and dots with a vector of ones they run at memory speed. On sharded inputs
+they reduce over the global batch, as nn.BatchNorm does.
 
 The training-mode gradient is the textbook one, written out (`normalize`):
 dx = scale * r / n * (n g - sum(g) - x_hat sum(g x_hat)), with x_hat centred
