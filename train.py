@@ -33,4 +33,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from agejax import hugepages
+  hugepages.reexec_with_hugepages()  # once, before JAX loads
   app.run(main)

@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+
+try:
+  import resource  # POSIX only
+except ImportError:
+  resource = None
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +77,7 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
   for _ in range(2):
     state, out = step(state)
   jax.block_until_ready((state, out))
-  rates = []
+  rates, faults = [], _page_faults()
   for _ in range(repeats):
     t = time.perf_counter()
     outs = []
@@ -80,11 +86,19 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
       outs.append(out)
     jax.block_until_ready((state, outs))
     rates.append(batch * steps / (time.perf_counter() - t))
+  faults = (_page_faults() - faults) / (repeats * steps)
   return {"framework": "jax", "version": jax.__version__, "model": model_name, "mode": mode, "size": size,
           "batch": batch, "dtype": dtype, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
           "params": models.count_params(variables["params"]),
           "gflops_per_image": round(flops / batch / 1e9, 3) if flops else None,
-          "images_per_s": round(statistics.median(rates), 2)}
+          "images_per_s": round(statistics.median(rates), 2),
+          "malloc": "hugetlb" if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "") else "default",
+          "page_faults_per_step": round(faults)}
+
+
+def _page_faults() -> int:
+  """Minor page faults of this process so far: fresh memory faulted in (see agejax/hugepages.py)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: int, data_dir: str | None) -> dict:
@@ -126,4 +140,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from agejax import hugepages
+  hugepages.reexec_with_hugepages()  # as train.py runs, see hugepages.py
   main()

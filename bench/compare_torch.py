@@ -12,7 +12,9 @@ For each case it runs `python -m agejax.bench` and `../shared/bench/torch_refere
 one after the other (never concurrently), `--rounds` times with the order alternating
 (a shared VM drifts by 10-30% between minutes, so one pair can mislead), and prints one
 JSON line per case: the median rates, the median of the per-round ratios jax/torch and
-their range; then a markdown table.
+their range; then a markdown table. Both sides run with glibc's huge-page malloc tunable,
+which agejax sets for itself (agejax/hugepages.py: +13-17% for either framework on this VM);
+`--torch_default_malloc` leaves PyTorch's environment as it is.
 """
 
 import argparse
@@ -21,6 +23,8 @@ import os
 import statistics
 import subprocess
 import sys
+
+from agejax import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(ROOT, "..", "shared", "bench", "torch_reference.py")
@@ -75,6 +79,8 @@ def parse_args(argv=None):
                   help="compute dtype of both (PyTorch: autocast); default float32, bfloat16 with --gpu")
   ap.add_argument("--device", default=None, help="PyTorch's device (default: its own, cuda when it sees one)")
   ap.add_argument("--torch_compile", action="store_true", help="torch.compile PyTorch's step (on with --gpu)")
+  ap.add_argument("--torch_default_malloc", action="store_true",
+                  help="run PyTorch without the huge-page malloc tunable agejax sets for itself (agejax/hugepages.py)")
   ap.add_argument("--gpu", action="store_true", help="the GPU table: GPU_CASES, bfloat16, torch.compile")
   a = ap.parse_args(argv)
   a.dtype = a.dtype or ("bfloat16" if a.gpu else "float32")
@@ -86,23 +92,28 @@ def parse_args(argv=None):
   return a
 
 
-def _json_line(cmd):
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+def _json_line(cmd, env=None):
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env=env).stdout
   return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
 def main(argv=None):
   a = parse_args(argv)
+  # agejax.bench re-executes itself with glibc's huge-page tunable (agejax/hugepages.py); PyTorch gets the same
+  # environment unless asked not to, so that the ratio compares the frameworks, not their malloc settings
+  torch_malloc = "hugetlb" if hugepages.wanted() and not a.torch_default_malloc else "default"
+  torch_env = hugepages.with_tunable() if torch_malloc == "hugetlb" else None
   rows = []
   for case in a.cases:
     model, size, batch, mode = case
     jax_cmd, torch_cmd = commands(case, a)
+    run_torch = lambda: _json_line(torch_cmd, torch_env)
     jr, tr = [], []
     for r in range(a.rounds):
       if r % 2 == 0:
-        j, t = _json_line(jax_cmd), _json_line(torch_cmd)
+        j, t = _json_line(jax_cmd), run_torch()
       else:
-        t, j = _json_line(torch_cmd), _json_line(jax_cmd)
+        t, j = run_torch(), _json_line(jax_cmd)
       jr.append(j["images_per_s"])
       tr.append(t["images_per_s"])
     ratios = [x / y for x, y in zip(jr, tr)]
@@ -113,7 +124,8 @@ def main(argv=None):
            "jax_ms_per_batch": round(1000 * batch / statistics.median(jr), 2),
            "torch_ms_per_batch": round(1000 * batch / statistics.median(tr), 2),
            "gflops_per_image": j["gflops_per_image"], "params": j["params"], "jax": j["version"], "torch": t["version"],
-           "dtype": a.dtype, "torch_compile": a.torch_compile, "device": j["device"], "threads": a.threads}
+           "dtype": a.dtype, "torch_compile": a.torch_compile, "jax_malloc": j.get("malloc"), "torch_malloc": torch_malloc,
+           "device": j["device"], "threads": a.threads}
     rows.append(row)
     print(json.dumps(row), flush=True)
   print("\n| model | input | batch | mode | agejax img/s | PyTorch img/s | agejax ms/batch | PyTorch ms/batch "

@@ -12,6 +12,7 @@ def test_bench_reports_params_flops_and_rate():
   r = bench.run("tiny", 32, 4, "train", steps=1, repeats=1, dtype="float32")
   assert r["params"] == 934_869 and r["images_per_s"] > 0
   assert r["gflops_per_image"] and r["gflops_per_image"] > 0.01
+  assert r["malloc"] in ("hugetlb", "default") and r["page_faults_per_step"] >= 0
   i = bench.run("tiny", 32, 4, "infer", steps=1, repeats=1, dtype="float32")
   assert 0 < i["gflops_per_image"] < r["gflops_per_image"]  # inference is cheaper than a train step
 
