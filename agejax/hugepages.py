@@ -70,4 +70,7 @@ def reexec_with_hugepages() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable())
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_tunable())
+  except OSError as e:  # e.g. an embedded interpreter with no executable: run on without
+    print(f"agejax: not re-executed with {TUNABLE}: {e}", file=sys.stderr)
