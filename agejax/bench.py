@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agejax import ldl, losses, models
+from agejax import hugepages, ldl, losses, models
 
 
 def make_steps(model, variables, batch: int, size: int):
@@ -92,7 +91,7 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
           "params": models.count_params(variables["params"]),
           "gflops_per_image": round(flops / batch / 1e9, 3) if flops else None,
           "images_per_s": round(statistics.median(rates), 2),
-          "malloc": "hugetlb" if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "") else "default",
+          "malloc": "hugetlb" if hugepages.active() else "default",
           "page_faults_per_step": round(faults)}
 
 
@@ -140,6 +139,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from agejax import hugepages
-  hugepages.reexec_with_hugepages()  # as train.py runs, see hugepages.py
+  hugepages.reexec_with_hugepages()  # once, as train.py does
   main()

@@ -329,5 +329,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
   from agejax import hugepages
-  hugepages.reexec_with_hugepages()  # its training runs inherit the setting
+  hugepages.reexec_with_hugepages()  # once; its train.py runs inherit the setting
   sys.exit(main())

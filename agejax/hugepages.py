@@ -53,6 +53,11 @@ def wanted(environ=os.environ, libc=None, mode=None) -> bool:
   return libc >= (2, 35) and mode in ("always", "madvise")
 
 
+def active(environ=os.environ) -> bool:
+  """True where this environment (a process's, or one a child gets) has TUNABLE."""
+  return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
 def with_tunable(environ=os.environ) -> dict[str, str]:
   """A copy of environ whose GLIBC_TUNABLES (colon-separated) also has TUNABLE."""
   env = dict(environ)

@@ -101,8 +101,8 @@ def main(argv=None):
   a = parse_args(argv)
   # agejax.bench re-executes itself with glibc's huge-page tunable (agejax/hugepages.py); PyTorch gets the same
   # environment unless asked not to, so that the ratio compares the frameworks, not their malloc settings
-  torch_malloc = "hugetlb" if hugepages.wanted() and not a.torch_default_malloc else "default"
-  torch_env = hugepages.with_tunable() if torch_malloc == "hugetlb" else None
+  torch_env = None if a.torch_default_malloc or not hugepages.wanted() else hugepages.with_tunable()
+  torch_malloc = "hugetlb" if hugepages.active(torch_env or os.environ) else "default"  # what it really gets
   rows = []
   for case in a.cases:
     model, size, batch, mode = case

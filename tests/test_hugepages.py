@@ -30,6 +30,11 @@ def test_with_tunable_keeps_the_users_other_tunables():
   assert hugepages.with_tunable({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
+def test_active_reads_the_tunable_among_others():
+  assert hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"})
+  assert not hugepages.active({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) and not hugepages.active({})
+
+
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   f = tmp_path / "enabled"
   f.write_text("always [madvise] never\n")
