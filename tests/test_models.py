@@ -228,17 +228,30 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
 
 def test_stored_input_is_an_exact_identity_that_divides_only_under_differentiation():
   """The kernel-gradient helper changes no number: forward bitwise x, gradient the identity."""
-  from agejax.models.conv import stored_input
+  from agejax.models.stored import stored, stored_input
   # Denormals left out: XLA:CPU flushes them to zero in every arithmetic op (max(x, 0) too), so no
   # activation it computed holds one.
   x = jnp.concatenate([jax.random.normal(jax.random.PRNGKey(0), (1000,)) * 1e3,
                        jnp.array([0.0, -0.0, 1.2e-38, -3e38, 3e38, 7.0])])
   y, vjp = jax.vjp(stored_input, x)
   np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(x).view(np.uint32))
+  for dtype, bits in ((jnp.float32, np.uint32), (jnp.bfloat16, np.uint16)):
+    xd = x.astype(dtype)
+    np.testing.assert_array_equal(np.asarray(jax.jit(stored)(xd)).view(bits), np.asarray(xd).view(bits))
   g = jax.random.normal(jax.random.PRNGKey(1), x.shape)
   np.testing.assert_array_equal(vjp(g)[0], g)
   assert " div " not in str(jax.make_jaxpr(lambda x: stored_input(x) * 2)(x))   # inference: free
   assert " div " in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(stored_input(x) ** 2)))(x))
+
+
+def test_batch_norm_backward_stores_its_cotangents_on_cpu():
+  """g and dx are each divided once (kept stored for their several consumers); the forward is not."""
+  from agejax.models.batch_norm import normalize
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3, 5))
+  f = lambda x: jnp.sum(jnp.sin(normalize(x, jnp.ones(5), jnp.zeros(5), jnp.float32(1e-5))[0]))
+  full_divides = lambda jaxpr: str(jaxpr).count("f32[4,3,3,5] = div ")
+  assert full_divides(jax.make_jaxpr(f)(x)) == 0
+  assert full_divides(jax.make_jaxpr(jax.grad(f))(x)) == 2
 
 
 def test_conv2d_takes_the_tap_sum_only_where_it_was_measured_faster():

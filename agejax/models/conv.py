@@ -9,7 +9,7 @@ over the taps that can see the image (taps that only see zero padding add
 nothing and are skipped), and leaves every other shape to XLA, which is faster
 there. Both give the same numbers up to float rounding (tested).
 
-`stored_input` (CPU backend only) keeps XLA:CPU from recomputing a convolution's input inside its
+`stored_input` (models/stored.py) keeps XLA:CPU from recomputing a convolution's input inside its
 kernel gradient's transpose (+5% for the TinyAgeNet training step).
 
 `Conv` is a drop-in for `nn.Conv` as agejax uses it: same variable names
@@ -24,6 +24,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from agejax.models.stored import stored_input
 
 # He-normal over fan-out, as DLDL-v2's official code (kaiming_normal_, mode="fan_out").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -70,35 +72,11 @@ def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0,
   return out
 
 
-@jax.custom_vjp
-def stored_input(x: jax.Array) -> jax.Array:
-  """Identity; under differentiation it makes XLA:CPU keep x stored for the kernel gradient.
-
-  The kernel gradient of an XLA convolution transposes its input to batch-minor
-  order. XLA:CPU fuses x's elementwise producers (BatchNorm, ReLU, residual adds)
-  into that transpose, so it re-reads the convolution outputs behind x in strided
-  order: 13 ms instead of 5 for TinyAgeNet's second convolution at 64 px. XLA does not
-  duplicate a float division into several consumers, and x / (1 + 0 x) is x for
-  every finite x, so the traced forward divides once, inside the fusion that
-  computes x anyway, and the transpose reads the result (docs/RESULTS.md). Not
-  differentiated (inference) it is a plain identity; its gradient is the identity.
-  """
-  return x
-
-
-def _stored_input_fwd(x):
-  return x / (1 + 0 * jax.lax.stop_gradient(x)), None
-
-
-stored_input.defvjp(_stored_input_fwd, lambda _, g: (g,))
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilation: int = 1) -> jax.Array:
   """NHWC x HWIO convolution, symmetric padding; picks the faster formulation by shape."""
   if use_taps(x.shape[1:3], kernel.shape[:2], stride, pad, dilation):
     return conv2d_taps(x, kernel, stride, pad, dilation)
-  if jax.default_backend() == "cpu":  # an XLA:CPU fusion workaround; other backends need no divide
-    x = stored_input(x)
+  x = stored_input(x)  # an XLA:CPU fusion workaround; a no-op on other backends
   return jax.lax.conv_general_dilated(
       x, kernel, (stride, stride), [(pad, pad), (pad, pad)], rhs_dilation=(dilation, dilation),
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
