@@ -226,6 +226,28 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("c_in,k,stride,pad", [(3, 3, 1, 1), (5, 3, 1, 1), (3, 7, 2, 3), (16, 3, 2, 1)])
+def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
+  """Summing the kernel gradient over 8-image groups (and padding 3 channels to 8) changes only rounding."""
+  from agejax.models import conv
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 9, 9, c_in))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c_in, 4))
+  assert conv.group_kernel_grad(24, c_in) and not conv.group_kernel_grad(20, c_in)
+  assert not conv.group_kernel_grad(8, c_in) and not conv.group_kernel_grad(24, 32)
+  for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
+    xd, wd = x.astype(dtype), w.astype(dtype)
+    loss = lambda f: jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, pad, 1).astype(jnp.float32))), argnums=(0, 1)))(xd, wd)
+    got, want = loss(conv.xla_conv_grouped_kernel_grad), loss(conv.xla_conv)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert a.dtype == b.dtype
+      scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * scale)
+  # The kernel gradient really is three group convolutions (beside the forward one; dx is not asked for).
+  hlo = jax.jit(jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, stride, pad) ** 2))).lower(w).as_text()
+  assert hlo.count("stablehlo.convolution") == 1 + 3
+
+
 def test_stored_input_is_an_exact_identity_that_divides_only_under_differentiation():
   """The kernel-gradient helper changes no number: forward bitwise x, gradient the identity."""
   from agejax.models.stored import stored, stored_input
