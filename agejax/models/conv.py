@@ -12,13 +12,14 @@ there. Both give the same numbers up to float rounding (tested).
 `stored_input` (models/stored.py) keeps XLA:CPU from recomputing a convolution's input inside its
 kernel gradient's transpose (+5% for the TinyAgeNet training step).
 
-On the CPU backend the kernel gradient is also summed over groups of 8 images
-(`xla_conv_grouped_kernel_grad`). XLA computes a kernel gradient as a convolution whose
-contracted dimension is the batch, moved minor by two transposes of the whole
-input and output gradient; in groups of 8 those transposes stay in cache and
-Eigen's contraction runs on 8-float (one AVX register) rows: 21 against 32 ms
-for TinyAgeNet's second layer at batch 64, 74 against 194 ms at batch 256.
-Unrolled: inside a `scan` XLA:CPU ran the same convolutions 30x slower.
+On one CPU device, a convolution over at most 16 input channels has its kernel
+gradient summed over groups of 8 images (`xla_conv_grouped_kernel_grad`). XLA
+computes a kernel gradient as a convolution whose contracted dimension is the
+batch, moved minor by two transposes of the whole input and output gradient; in
+groups of 8 those transposes stay in cache and Eigen's contraction runs on 8-float
+(one AVX register) rows: 18 against 24 ms for TinyAgeNet's second layer at batch
+64, 74 against 194 ms at batch 256. Unrolled: inside a `scan` XLA:CPU ran the same
+convolutions 30x slower. Wider layers gained nothing, so they keep XLA's gradient.
 
 `Conv` is a drop-in for `nn.Conv` as agejax uses it: same variable names
 ("kernel" HWIO, optional "bias"), shapes, initialisers and dtype handling, so
