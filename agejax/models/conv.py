@@ -93,10 +93,12 @@ GROUP = 8  # images per kernel-gradient group: one AVX register of float32
 
 
 def xla_conv_8_channels(x, kernel, stride, pad, dilation):
-  """`xla_conv`; a 3x3 kernel over fewer than 8 input channels runs zero-padded to 8.
+  """`xla_conv`; a kernel of at most 9 taps over fewer than 8 input channels runs zero-padded to 8.
 
   Eigen packs a contraction of 72 faster than one of 27: TinyAgeNet's first layer took
-  8.0 instead of 10.6 ms at batch 64. Wider kernels (ResNet's 7x7 stem) ran slower padded.
+  8.0 instead of 10.6 ms at batch 64. ResNet's 7x7 stem ran slower padded. Forward only:
+  the padded kernel gradient was slower (13.7 against 5.8 ms), so this is used where
+  `xla_conv_grouped_kernel_grad` writes the gradient itself.
   """
   extra = 8 - x.shape[-1]
   if extra > 0 and kernel.shape[0] * kernel.shape[1] <= 9:
@@ -130,21 +132,19 @@ xla_conv_grouped_kernel_grad.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def group_kernel_grad(batch: int, in_features: int) -> bool:
-  """True where the grouped kernel gradient is faster: XLA:CPU, one device, whole groups, <= 16 input channels.
+  """True where the grouped kernel gradient is used: XLA:CPU, one device, whole groups, <= 16 input channels.
 
-  Measured per layer (docs/RESULTS.md): 15-25% faster kernel gradients for 3-16 input
-  channels, no faster (or up to 5% slower) for 32 and more.
+  Measured per layer (docs/RESULTS.md): TinyAgeNet's three layers with 3-16 input channels
+  got 23-24% faster kernel gradients, ThinAgeNet's 3-channel first layer stayed within 3%,
+  and layers with 32 or more channels gained nothing. One device only: groups of
+  consecutive images would cut across the shards of a batch sharded over several.
   """
   return (jax.default_backend() == "cpu" and jax.device_count() == 1
           and batch % GROUP == 0 and batch > GROUP and in_features <= 16)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilation: int = 1) -> jax.Array:
-  """NHWC x HWIO convolution, symmetric padding; picks the faster formulation by shape.
-
-  The grouped kernel gradient is kept to one device: groups of consecutive images would
-  cut across the shards of a batch sharded over several.
-  """
+  """NHWC x HWIO convolution, symmetric padding; picks the faster formulation by shape."""
   if use_taps(x.shape[1:3], kernel.shape[:2], stride, pad, dilation):
     return conv2d_taps(x, kernel, stride, pad, dilation)
   if group_kernel_grad(x.shape[0], x.shape[-1]):
