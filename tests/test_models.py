@@ -228,7 +228,7 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
 
 @pytest.mark.parametrize("c_in,k,stride,pad", [(3, 3, 1, 1), (5, 3, 1, 1), (3, 7, 2, 3), (16, 3, 2, 1)])
 def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
-  """Summing the kernel gradient over 8-image groups (and padding 3 channels to 8) changes only rounding."""
+  """Summing the kernel gradient over 8-image groups (and pairing 3-channel columns) changes only rounding."""
   from agejax.models import conv
   x = jax.random.normal(jax.random.PRNGKey(0), (24, 9, 9, c_in))
   w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c_in, 4))
@@ -238,7 +238,7 @@ def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
     xd, wd = x.astype(dtype), w.astype(dtype)
     loss = lambda f: jax.jit(jax.value_and_grad(
         lambda x, w: jnp.sum(jnp.sin(f(x, w, stride, pad, 1).astype(jnp.float32))), argnums=(0, 1)))(xd, wd)
-    got, want = loss(conv.xla_conv_grouped_kernel_grad), loss(conv.xla_conv)
+    got, want = loss(conv.xla_conv_cpu), loss(conv.xla_conv)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert a.dtype == b.dtype
       scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
@@ -246,6 +246,33 @@ def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
   # The kernel gradient really is three group convolutions (beside the forward one; dx is not asked for).
   hlo = jax.jit(jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, stride, pad) ** 2))).lower(w).as_text()
   assert hlo.count("stablehlo.convolution") == 1 + 3
+
+
+@pytest.mark.parametrize("c_in,width", [(1, 6), (3, 10), (4, 8)])
+def test_paired_columns_forward_matches_xla_convolution(c_in, width):
+  """The first layer's forward on pairs of adjacent columns is the same convolution; odd widths keep XLA's."""
+  from agejax.models import conv
+  x = jax.random.normal(jax.random.PRNGKey(0), (5, 7, width, c_in))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, c_in, 6))
+  assert conv.pairs_columns(c_in, width, (3, 3), 1, 1, 1)
+  assert not conv.pairs_columns(c_in, width + 1, (3, 3), 1, 1, 1)
+  assert not conv.pairs_columns(8, width, (3, 3), 1, 1, 1)
+  assert not conv.pairs_columns(c_in, width, (3, 3), 2, 1, 1)
+  assert not conv.pairs_columns(c_in, width, (7, 7), 1, 3, 1)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    xd, wd = x.astype(dtype), w.astype(dtype)
+    got, want = conv.conv_paired_columns(xd, wd), conv.xla_conv(xd, wd, 1, 1, 1)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = float(jnp.max(jnp.abs(want.astype(jnp.float32))))
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol * scale)
+  # conv2d takes it (batch 5 is not grouped): the padded 7+2 rows, read as column pairs;
+  # its gradients are XLA's.
+  hlo = jax.jit(lambda x, w: conv.conv2d(x, w, 1, 1)).lower(x, w).as_text()
+  assert f"tensor<5x9x{width // 2 + 1}x8xf32>" in hlo
+  loss = lambda f: jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+  got, want = loss(lambda x, w: conv.conv2d(x, w, 1, 1)), loss(lambda x, w: conv.xla_conv(x, w, 1, 1))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_stored_input_is_an_exact_identity_that_divides_only_under_differentiation():
