@@ -230,8 +230,9 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
 def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
   """Summing the kernel gradient over 8-image groups (and pairing 3-channel columns) changes only rounding."""
   from agejax.models import conv
-  x = jax.random.normal(jax.random.PRNGKey(0), (24, 9, 9, c_in))
+  x = jax.random.normal(jax.random.PRNGKey(0), (24, 9, 10, c_in))  # even width: the 3x3 RGB case is paired too
   w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c_in, 4))
+  assert conv.pairs_columns(c_in, 10, (k, k), stride, pad, 1) == ((c_in, k, stride) == (3, 3, 1))
   assert conv.group_kernel_grad(24, c_in) and not conv.group_kernel_grad(20, c_in)
   assert not conv.group_kernel_grad(8, c_in) and not conv.group_kernel_grad(24, 32)
   for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):

@@ -149,9 +149,9 @@ def _cpu_fwd(x, kernel, stride, pad, dilation):
 
 def _cpu_bwd(stride, pad, dilation, residuals, g):
   x, kernel = residuals
-  if not group_kernel_grad(x.shape[0], x.shape[-1]):
-    return jax.vjp(lambda x, k: xla_conv(x, k, stride, pad, dilation), x, kernel)[1](g)
   dx = jax.vjp(lambda x: xla_conv(x, kernel, stride, pad, dilation), x)[1](g)[0]
+  if not group_kernel_grad(x.shape[0], x.shape[-1]):
+    return dx, jax.vjp(lambda k: xla_conv(x, k, stride, pad, dilation), kernel)[1](g)[0]
   dk = jnp.zeros(kernel.shape, jnp.float32)
   for i in range(0, x.shape[0], GROUP):  # unrolled on purpose (see the module docstring)
     part = jax.vjp(lambda k: xla_conv(x[i:i + GROUP], k, stride, pad, dilation), kernel)[1](g[i:i + GROUP])[0]
