@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from agejax.models.stored import stored, stored_input
+from agejax.native import conv3x3 as native_conv3x3
 
 # He-normal over fan-out, as DLDL-v2's official code (kaiming_normal_, mode="fan_out").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -178,6 +179,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilat
   """NHWC x HWIO convolution, symmetric padding; picks the faster formulation by shape."""
   if use_taps(x.shape[1:3], kernel.shape[:2], stride, pad, dilation):
     return conv2d_taps(x, kernel, stride, pad, dilation)
+  if native_conv3x3.supported(x.shape, kernel.shape, stride, pad, dilation, jnp.result_type(x, kernel)):
+    return native_conv3x3.conv3x3(x, kernel)
   if (group_kernel_grad(x.shape[0], x.shape[-1])
       or pairs_columns(x.shape[-1], x.shape[2], kernel.shape[:2], stride, pad, dilation)):
     return xla_conv_cpu(x, kernel, stride, pad, dilation)

@@ -1,0 +1,120 @@
+"""Native XLA:CPU kernels, compiled for this machine on first use.
+
+jaxlib's XLA:CPU computes a convolution as Eigen's im2col + contraction; on the
+16-64-channel maps of TinyAgeNet and ThinAgeNet that ran 2-5x behind PyTorch's
+oneDNN, most of all for the kernel gradient (docs/RESULTS.md), and neither XLA
+flags nor reformulations in JAX closed the gap. `conv3x3.cc` is a direct
+convolution in oneDNN's style, exposed to XLA through its FFI (`jax.ffi`).
+
+It is built with the system C++ compiler and `-march=native` (so it uses AVX-512
+where the CPU has it, else AVX2) against the FFI headers jaxlib ships, once per
+source, compiler flags, jaxlib and CPU, into AGEJAX_CACHE_DIR (default
+~/.cache/agejax). A process builds into a temporary file and renames it, so
+concurrent processes never load a half-written library. Where there is no
+compiler, or it fails, agejax warns once and keeps XLA's convolution: the
+results are the same up to float rounding. AGEJAX_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import metadata
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("conv3x3.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+TARGETS = ("agejax_conv3x3_forward", "agejax_conv3x3_kernel_grad")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled(environ=os.environ) -> bool:
+  """False where the user turned native kernels off (AGEJAX_NATIVE=0)."""
+  return environ.get("AGEJAX_NATIVE", "1") != "0"
+
+
+def cache_dir(environ=os.environ) -> Path:
+  return Path(environ.get("AGEJAX_CACHE_DIR") or Path.home() / ".cache" / "agejax")
+
+
+def _cpu_signature() -> str:
+  """What -march=native depends on: the CPU's model and instruction-set flags."""
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(lines)
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def library_path(compiler: str) -> Path:
+  """The cached library for this source, compiler, flags, jaxlib and CPU."""
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+               metadata.version("jaxlib").encode(), _cpu_signature().encode()):
+    key.update(part)
+    key.update(b"\0")
+  return cache_dir() / f"conv3x3-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, out: Path) -> None:
+  """Compiles SOURCE into `out` atomically; raises CalledProcessError with the compiler's message."""
+  import jax.ffi  # the FFI headers ship with jaxlib
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  try:
+    subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp],
+                   check=True, capture_output=True, text=True)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def _load() -> int | None:
+  """Builds (if needed), loads and registers the kernels; returns their vector width in floats."""
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+  if compiler is None:
+    raise RuntimeError("no C++ compiler (g++ or clang++, or $CXX) found")
+  path = library_path(compiler)
+  if not path.exists():
+    logging.info("agejax: compiling the native 3x3 convolution into %s (once per machine)", path)
+    try:
+      build(compiler, path)
+    except subprocess.CalledProcessError as e:
+      raise RuntimeError(f"{compiler} failed:\n{e.stderr[-2000:]}") from e
+  import jax
+
+  lib = ctypes.CDLL(str(path))
+  for name in TARGETS:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  _state["lib"] = lib  # keep it loaded
+  return int(lib.agejax_conv3x3_vector_floats())
+
+
+def vector_floats() -> int | None:
+  """The native kernels' vector width in floats (16 AVX-512, 8 AVX2), or None where unavailable.
+
+  The first call builds and registers them; a failure is logged once and then remembered.
+  """
+  if not enabled():
+    return None
+  with _lock:
+    if "width" not in _state:
+      try:
+        _state["width"] = _load()
+      except Exception as e:  # no compiler, a failed build, a CPU without AVX2 ...: XLA's path stays
+        logging.warning("agejax: native convolution unavailable, using XLA's: %s", e)
+        _state["width"] = None
+    return _state["width"]

@@ -1,0 +1,76 @@
+"""The native 3x3 SAME convolution (conv3x3.cc) as a differentiable JAX function.
+
+Forward and kernel gradient are the FFI kernels; the input gradient is the forward
+applied to the output gradient with the kernel flipped and its channel axes
+swapped (a SAME 3x3 convolution's transpose), so it too runs natively where the
+input channels fill whole vectors, and is XLA's otherwise (a first RGB layer,
+whose input gradient is unused and removed by XLA).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from agejax import native
+
+
+MAX_CHANNEL_PRODUCT = 128 * 128  # input x output channels where the native kernel is faster
+
+
+def _require() -> int:
+  width = native.vector_floats()  # builds and registers the kernels on first use
+  if width is None:
+    raise RuntimeError("agejax's native convolution is unavailable here (see the warning logged above)")
+  return width
+
+
+def _forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  _require()
+  out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[-1:], jnp.float32)
+  return jax.ffi.ffi_call("agejax_conv3x3_forward", out, vmap_method="sequential")(x, kernel)
+
+
+def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
+  return jax.ffi.ffi_call("agejax_conv3x3_kernel_grad", out, vmap_method="sequential")(x, g)
+
+
+def supported(x_shape, kernel_shape, stride: int, pad: int, dilation: int, dtype) -> bool:
+  """True where `conv3x3` applies and is built: XLA:CPU on one device, float32, 3x3 SAME stride 1,
+  output channels a multiple of the vector width.
+
+  At most 128 x 128 channels: the kernel reads its whole 3x3xCx64 kernel block per row
+  tile, which fits the cache up to there; with 256 channels it ran 1.5-3x behind
+  Eigen's large contraction (docs/RESULTS.md), 1.1-2.5x ahead below. One device only:
+  a custom call has no sharding rule, so XLA would gather a batch sharded over several
+  devices onto each; those keep XLA's convolution.
+  """
+  if (len(x_shape) != 4 or x_shape[-1] * kernel_shape[-1] > MAX_CHANNEL_PRODUCT or tuple(kernel_shape[:2]) != (3, 3) or (stride, pad, dilation) != (1, 1, 1)
+      or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() != 1):
+    return False
+  width = native.vector_floats()
+  return width is not None and kernel_shape[-1] % width == 0
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """NHWC x HWIO 3x3 convolution, stride 1, padding 1, float32, computed by the native kernels."""
+  return _forward(x, kernel)
+
+
+def _fwd(x, kernel):
+  return _forward(x, kernel), (x, kernel)
+
+
+def _bwd(residuals, g):
+  x, kernel = residuals
+  if x.shape[-1] % _require() == 0:
+    dx = _forward(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+  else:
+    dx = jax.vjp(lambda x: jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), x)[1](g)[0]
+  return dx, _kernel_grad(x, g)
+
+
+conv3x3.defvjp(_fwd, _bwd)
