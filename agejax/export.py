@@ -25,7 +25,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   import jax.numpy as jnp
   from jax import export as jax_export
 
-  from agejax import objectives
+  from agejax import native, objectives
   from agejax.data import augment
 
   config = trainer.config
@@ -45,7 +45,8 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
     return result
 
   b, = jax_export.symbolic_shape("b")
-  exp = jax_export.export(jax.jit(predict))(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
+  with native.disabled():  # portable: no machine-specific custom calls in the artifact
+    exp = jax_export.export(jax.jit(predict))(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "model.jaxexport"), "wb") as f:
     f.write(exp.serialize())

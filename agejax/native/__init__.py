@@ -17,6 +17,7 @@ results are the same up to float rounding. AGEJAX_NATIVE=0 turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -38,8 +39,21 @@ _state: dict[str, object] = {}
 
 
 def enabled(environ=os.environ) -> bool:
-  """False where the user turned native kernels off (AGEJAX_NATIVE=0)."""
-  return environ.get("AGEJAX_NATIVE", "1") != "0"
+  """False where the user turned native kernels off (AGEJAX_NATIVE=0) or inside `disabled()`."""
+  return environ.get("AGEJAX_NATIVE", "1") != "0" and not _state.get("off", 0)
+
+
+@contextlib.contextmanager
+def disabled():
+  """Traces inside use XLA's convolution only: for `jax.export`, whose artifacts must run on any
+  machine and cannot carry custom calls without compatibility guarantees."""
+  with _lock:
+    _state["off"] = _state.get("off", 0) + 1
+  try:
+    yield
+  finally:
+    with _lock:
+      _state["off"] -= 1
 
 
 def cache_dir(environ=os.environ) -> Path:

@@ -32,6 +32,7 @@ def _forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  _require()
   out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("agejax_conv3x3_kernel_grad", out, vmap_method="sequential")(x, g)
 

@@ -1,0 +1,131 @@
+"""The native 3x3 convolution (agejax/native): same numbers as XLA's, taken only where it applies."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agejax import native
+from agejax.models import conv
+from agejax.native import conv3x3 as nc
+
+WIDTH = native.vector_floats()
+needs_native = pytest.mark.skipif(WIDTH is None, reason="no C++ compiler: XLA's convolution is used")
+
+
+def _xla(x, w):
+  return conv.xla_conv(x, w, 1, 1, 1)
+
+
+def _value_and_grads(f, x, w, g):
+  y, vjp = jax.vjp(f, x, w)
+  return (y, *vjp(g))
+
+
+@needs_native
+@pytest.mark.parametrize("n,h,w,c,o", [
+    (1, 1, 1, 16, 16),     # one pixel: every tap but the centre reads padding
+    (1, 9, 31, 16, 32),    # one image: split into row bands over the threads; 31 = uneven tiles
+    (5, 7, 6, 3, 16),      # RGB input: input channels not a whole vector (input gradient is XLA's)
+    (3, 12, 12, 32, 48),   # 3 vectors of output channels
+    (6, 5, 8, 64, 64),     # small maps: the kernel gradient sums groups of images
+    (2, 4, 45, 24, 16),    # input channels not a compile-time size, wide rows
+])
+def test_forward_and_gradients_match_xla(n, h, w, c, o):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(n * 1000 + h * 10 + c), 3)
+  x = jax.random.normal(kx, (n, h, w, c))
+  k = jax.random.normal(kw, (3, 3, c, o)) / np.sqrt(9 * c)
+  g = jax.random.normal(kg, (n, h, w, o))
+  got = jax.jit(lambda x, k, g: _value_and_grads(nc.conv3x3, x, k, g))(x, k, g)
+  want = jax.jit(lambda x, k, g: _value_and_grads(_xla, x, k, g))(x, k, g)
+  for name, a, b in zip(("y", "dx", "dkernel"), got, want):
+    assert a.shape == b.shape and a.dtype == jnp.float32, name
+    scale = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+@needs_native
+def test_input_gradient_is_native_only_where_input_channels_fill_vectors():
+  """A 16k-channel input gets its gradient from the native forward; an RGB one from XLA."""
+  def hlo(c):
+    x, k = jnp.ones((2, 8, 8, c)), jnp.ones((3, 3, c, WIDTH))
+    return jax.jit(jax.grad(lambda x, k: jnp.sum(nc.conv3x3(x, k) ** 2), argnums=(0, 1))).lower(x, k).as_text()
+  wide, rgb = hlo(WIDTH), hlo(3)
+  assert wide.count("agejax_conv3x3_forward") == 2 and "convolution" not in wide
+  assert rgb.count("agejax_conv3x3_forward") == 1 and "stablehlo.convolution" in rgb
+  assert wide.count("agejax_conv3x3_kernel_grad") == rgb.count("agejax_conv3x3_kernel_grad") == 1
+
+
+@needs_native
+def test_conv2d_takes_the_native_kernel_only_where_it_applies():
+  f32 = jnp.float32
+  assert nc.supported((8, 32, 32, 16), (3, 3, 16, 32), 1, 1, 1, f32)
+  assert nc.supported((8, 32, 32, 3), (3, 3, 3, 32), 1, 1, 1, f32)
+  assert nc.supported((8, 16, 16, 128), (3, 3, 128, 128), 1, 1, 1, f32)
+  assert not nc.supported((8, 16, 16, 128), (3, 3, 128, 256), 1, 1, 1, f32)  # measured slower than XLA
+  assert not nc.supported((8, 32, 32, 16), (3, 3, 16, 32), 1, 1, 1, jnp.bfloat16)
+  assert not nc.supported((8, 32, 32, 16), (3, 3, 16, 32), 2, 1, 1, f32)
+  assert not nc.supported((8, 32, 32, 16), (3, 3, 16, 32), 1, 2, 2, f32)
+  assert not nc.supported((8, 32, 32, 16), (7, 7, 16, 32), 1, 3, 1, f32)
+  assert not nc.supported((8, 32, 32, 16), (3, 3, 16, WIDTH + 4), 1, 1, 1, f32)
+  x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 32))
+  assert "agejax_conv3x3_forward" in jax.jit(lambda x, k: conv.conv2d(x, k, 1, 1)).lower(x, k).as_text()
+  assert "agejax_conv3x3" not in jax.jit(lambda x, k: conv.conv2d(x, k, 2, 1)).lower(x, k).as_text()
+
+
+@needs_native
+def test_vmap_runs_image_sets_one_after_another():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 6, 6, 16))
+  k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 16))
+  got = jax.vmap(nc.conv3x3, in_axes=(0, None))(x, k)
+  np.testing.assert_allclose(got, jax.vmap(_xla, in_axes=(0, None))(x, k), rtol=1e-5, atol=1e-4)
+
+
+def test_turned_off_or_unbuildable_falls_back_to_xla(monkeypatch, tmp_path, caplog):
+  """AGEJAX_NATIVE=0, or a compiler that fails, leave XLA's convolution, with one warning for the failure."""
+  x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+  monkeypatch.setenv("AGEJAX_NATIVE", "0")
+  assert native.vector_floats() is None and not nc.supported(x.shape, k.shape, 1, 1, 1, jnp.float32)
+  assert "agejax_conv3x3" not in jax.jit(lambda x, k: conv.conv2d(x, k, 1, 1)).lower(x, k).as_text()
+  monkeypatch.delenv("AGEJAX_NATIVE")
+  saved = dict(native._state)
+  monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+  monkeypatch.setenv("AGEJAX_CACHE_DIR", str(tmp_path))
+  try:
+    native._state.clear()
+    with caplog.at_level(logging.WARNING):
+      assert native.vector_floats() is None and native.vector_floats() is None
+    assert sum("native convolution unavailable" in r.getMessage() for r in caplog.records) == 1
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+  finally:
+    native._state.clear()
+    native._state.update(saved)
+
+
+def test_cached_library_is_keyed_by_source_compiler_and_cpu(monkeypatch, tmp_path):
+  monkeypatch.setenv("AGEJAX_CACHE_DIR", str(tmp_path))
+  a, b = native.library_path("g++"), native.library_path("clang++")
+  assert a.parent == tmp_path and a != b and a == native.library_path("g++")
+  monkeypatch.setattr(native, "_cpu_signature", lambda: "another cpu")
+  assert native.library_path("g++") != a
+
+
+@needs_native
+def test_kernel_gradient_is_bitwise_reproducible():
+  """Threads may run the units in any order; the partial sums are fixed, so resumed training is exact."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (12, 16, 16, 32))
+  g = jax.random.normal(jax.random.PRNGKey(1), (12, 16, 16, 32))
+  f = jax.jit(nc._kernel_grad)
+  first = np.asarray(f(x, g))
+  assert all(np.array_equal(first, np.asarray(f(x, g))) for _ in range(10))
+
+
+@needs_native
+def test_disabled_traces_are_portable():
+  """Inside `native.disabled()` (as `agejax.export` traces) no custom call is emitted."""
+  x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+  with native.disabled():
+    assert "agejax_conv3x3" not in jax.jit(lambda x, k: conv.conv2d(x, k, 1, 1)).lower(x, k).as_text()
+  assert "agejax_conv3x3" in jax.jit(lambda x, k: conv.conv2d(x, k, 1, 1) + 0).lower(x, k).as_text()
