@@ -154,16 +154,18 @@ inline void forward_row_tail(int64_t rem, const float* xs, int64_t prow, int64_t
   }
 }
 
-constexpr int64_t kL1KernelFloats = 6 << 10;  // 24 KiB of a 32-48 KiB L1 for the kernel block
+constexpr int64_t kKernelBlockFloats = 128 << 10;  // 512 KiB of a 1-2 MiB L2 for the kernel block
 
 template <int OT, int CC>
 void forward_band(const float* slab, int64_t prow, int64_t rows, int64_t w, int64_t c,
                   const float* wk, int64_t o, float* y) {
   constexpr int WT = kMaxAcc / OT;
   // Blocks of output channels x input channels whose 3x3 kernel (9 x cb x OT*VL floats) stays in
-  // L1 across the whole band; later input-channel blocks add to the output. Without the input
-  // blocks, 256-channel layers streamed 590 KB of kernel from L2 per tile and ran 2x behind Eigen.
-  const int64_t cb = std::max<int64_t>(8, kL1KernelFloats / (9 * OT * VL) / 8 * 8);
+  // L2 across the whole band; later input-channel blocks add to the output. Up to 128 input
+  // channels that is one block. Blocks sized for L1 (8-32 channels) made 256-channel layers 1.8x
+  // faster but 128-channel ones 1.6x slower (re-reading the output per block); 256-channel layers
+  // stay on XLA (conv3x3.py: MAX_CHANNEL_PRODUCT).
+  const int64_t cb = std::max<int64_t>(8, kKernelBlockFloats / (9 * OT * VL) / 8 * 8);
   for (int64_t ob = 0; ob < o; ob += OT * VL)
     for (int64_t c0 = 0; c0 < c; c0 += cb) {
       const int64_t cn = std::min(cb, c - c0);
