@@ -6,7 +6,7 @@
 // of WT output pixels x OT vectors of output channels accumulates over the 3x3 taps
 // and input channels, one broadcast input value and OT kernel vectors per step.
 //
-// Three handlers:
+// Two handlers:
 //   agejax_conv3x3_forward(x, w) -> y            y = conv(x, w)
 //   agejax_conv3x3_kernel_grad(x, g) -> dw       dw[i,j,c,o] = sum x[n,h+i-1,w+j-1,c] g[n,h,w,o]
 // The input gradient is the forward on g with the kernel flipped and transposed (done in JAX).
