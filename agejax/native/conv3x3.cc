@@ -109,24 +109,23 @@ void fill_slab(const float* img, int64_t h, int64_t w, int64_t c, int64_t r0, in
 
 // ---- forward --------------------------------------------------------------------------
 
-// WT output pixels x OT*VL output channels over input channels [c0, c0 + cn); xs points at the
-// slab's top-left input of the tile. Adds to y where `add` (a later channel block), else stores.
+// WT output pixels x OT*VL output channels; xs points at the slab's top-left input of the tile.
 // CC is the input channel count when known at compile time (0: use c), so the WT input
 // offsets become immediates and each step is one kernel load and WT broadcast-FMAs.
 template <int WT, int OT, int CC>
-inline void forward_tile(const float* xs, int64_t prow, int64_t c_, int64_t c0, int64_t cn,
-                         bool add, const float* wk, int64_t o, float* y) {
+inline void forward_tile(const float* xs, int64_t prow, int64_t c_, const float* wk, int64_t o,
+                         float* y) {
   const int64_t c = CC ? CC : c_;
   vec acc[WT][OT];
   _Pragma("GCC unroll 32")
   for (int p = 0; p < WT; ++p)
     _Pragma("GCC unroll 32")
-    for (int j = 0; j < OT; ++j) acc[p][j] = add ? load(y + p * o + j * VL) : vec{};
+    for (int j = 0; j < OT; ++j) acc[p][j] = vec{};
   for (int i = 0; i < 3; ++i) {
     for (int k = 0; k < 3; ++k) {
       const float* xr = xs + i * prow + k * c;
       const float* wr = wk + (i * 3 + k) * c * o;
-      for (int64_t ci = c0; ci < c0 + cn; ++ci) {
+      for (int64_t ci = 0; ci < c; ++ci) {
         vec wv[OT];
         _Pragma("GCC unroll 32")
         for (int j = 0; j < OT; ++j) wv[j] = load(wr + ci * o + j * VL);
@@ -146,40 +145,30 @@ inline void forward_tile(const float* xs, int64_t prow, int64_t c_, int64_t c0, 
 }
 
 template <int OT, int CC, int WT>
-inline void forward_row_tail(int64_t rem, const float* xs, int64_t prow, int64_t c, int64_t c0,
-                             int64_t cn, bool add, const float* wk, int64_t o, float* y) {
+inline void forward_row_tail(int64_t rem, const float* xs, int64_t prow, int64_t c, const float* wk,
+                             int64_t o, float* y) {
   if constexpr (WT > 0) {
-    if (rem == WT) return forward_tile<WT, OT, CC>(xs, prow, c, c0, cn, add, wk, o, y);
-    forward_row_tail<OT, CC, WT - 1>(rem, xs, prow, c, c0, cn, add, wk, o, y);
+    if (rem == WT) return forward_tile<WT, OT, CC>(xs, prow, c, wk, o, y);
+    forward_row_tail<OT, CC, WT - 1>(rem, xs, prow, c, wk, o, y);
   }
 }
-
-constexpr int64_t kKernelBlockFloats = 128 << 10;  // 512 KiB of a 1-2 MiB L2 for the kernel block
 
 template <int OT, int CC>
 void forward_band(const float* slab, int64_t prow, int64_t rows, int64_t w, int64_t c,
                   const float* wk, int64_t o, float* y) {
   constexpr int WT = kMaxAcc / OT;
-  // Blocks of output channels x input channels whose 3x3 kernel (9 x cb x OT*VL floats) stays in
-  // L2 across the whole band; later input-channel blocks add to the output. Up to 128 input
-  // channels that is one block. Blocks sized for L1 (8-32 channels) made 256-channel layers 1.8x
-  // faster but 128-channel ones 1.6x slower (re-reading the output per block); 256-channel layers
-  // stay on XLA (conv3x3.py: MAX_CHANNEL_PRODUCT).
-  const int64_t cb = std::max<int64_t>(8, kKernelBlockFloats / (9 * OT * VL) / 8 * 8);
+  // O-blocks outermost: one block's kernel (9 x C x OT*VL floats, <= 295 KB up to 128 input
+  // channels) stays in L2 across the band. Wider layers stay on XLA (conv3x3.py).
   for (int64_t ob = 0; ob < o; ob += OT * VL)
-    for (int64_t c0 = 0; c0 < c; c0 += cb) {
-      const int64_t cn = std::min(cb, c - c0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xs = slab + r * prow;
-        float* yr = y + r * w * o + ob;
-        // Tiles of near-equal width: 64 columns as 22+21+21 rather than 28+28+8.
-        const int64_t tiles = (w + WT - 1) / WT, base = w / tiles, wider = w % tiles;
-        for (int64_t t = 0, x0 = 0; t < tiles; ++t) {
-          const int64_t width = base + (t < wider);
-          forward_row_tail<OT, CC, WT>(width, xs + x0 * c, prow, c, c0, cn, c0 > 0, wk + ob, o,
-                                       yr + x0 * o);
-          x0 += width;
-        }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xs = slab + r * prow;
+      float* yr = y + r * w * o + ob;
+      // Tiles of near-equal width: 64 columns as 22+21+21 rather than 28+28+8.
+      const int64_t tiles = (w + WT - 1) / WT, base = w / tiles, wider = w % tiles;
+      for (int64_t t = 0, x0 = 0; t < tiles; ++t) {
+        const int64_t width = base + (t < wider);
+        forward_row_tail<OT, CC, WT>(width, xs + x0 * c, prow, c, wk + ob, o, yr + x0 * o);
+        x0 += width;
       }
     }
 }
@@ -338,18 +327,12 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_forward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both handlers: the intra-op thread pool, two float32 operands, one float32 result.
+#define AGEJAX_CONV3X3_BINDING                                                          \
+  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() \
+      .Ret<ffi::Buffer<ffi::F32>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_kernel_grad, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_forward, Forward, AGEJAX_CONV3X3_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_kernel_grad, KernelGrad, AGEJAX_CONV3X3_BINDING);
 
 extern "C" int agejax_conv3x3_vector_floats() { return VL; }

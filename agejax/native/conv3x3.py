@@ -41,14 +41,14 @@ def supported(x_shape, kernel_shape, stride: int, pad: int, dilation: int, dtype
   """True where `conv3x3` applies and is built: XLA:CPU on one device, float32, 3x3 SAME stride 1,
   output channels a multiple of the vector width.
 
-  At most 128 x 128 channels: the kernel reads its whole 3x3xCx64 kernel block per row
-  tile, which fits the cache up to there; with 256 channels it ran 1.5-3x behind
-  Eigen's large contraction (docs/RESULTS.md), 1.1-2.5x ahead below. One device only:
+  At most 128 x 128 channels: the kernel streams a 3x3xCx64 kernel block from L2 per row
+  tile; with 256 channels it ran 1.1-2.5x behind Eigen's large contraction, 1.1-4x
+  ahead below (docs/RESULTS.md). One device only:
   a custom call has no sharding rule, so XLA would gather a batch sharded over several
   devices onto each; those keep XLA's convolution.
   """
-  if (len(x_shape) != 4 or x_shape[-1] * kernel_shape[-1] > MAX_CHANNEL_PRODUCT or tuple(kernel_shape[:2]) != (3, 3) or (stride, pad, dilation) != (1, 1, 1)
-      or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() != 1):
+  if (len(x_shape) != 4 or tuple(kernel_shape[:2]) != (3, 3) or (stride, pad, dilation) != (1, 1, 1)
+      or x_shape[-1] * kernel_shape[-1] > MAX_CHANNEL_PRODUCT or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() != 1):
     return False
   width = native.vector_floats()
   return width is not None and kernel_shape[-1] % width == 0
@@ -69,8 +69,8 @@ def _bwd(residuals, g):
   if x.shape[-1] % _require() == 0:
     dx = _forward(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
   else:
-    dx = jax.vjp(lambda x: jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), [(1, 1), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC")), x)[1](g)[0]
+    from agejax.models.conv import xla_conv  # here: models.conv imports this module
+    dx = jax.vjp(lambda x: xla_conv(x, kernel, 1, 1, 1), x)[1](g)[0]
   return dx, _kernel_grad(x, g)
 
 
