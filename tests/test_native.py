@@ -76,6 +76,43 @@ def test_conv2d_takes_the_native_kernel_only_where_it_applies():
 
 
 @needs_native
+@pytest.mark.parametrize("shape", [(3, 3, 16, 32), (7, 7, 3, 64), (1, 1, 40, 24), (3, 3, 17, 5)])
+def test_flip_swap_is_the_flipped_channel_swapped_kernel(shape):
+  """Any kernel size, channel counts off the 16x16 tiles included; bitwise a copy."""
+  w = jax.random.normal(jax.random.PRNGKey(sum(shape)), shape)
+  got = jax.jit(nc.flip_swap)(w)
+  np.testing.assert_array_equal(got, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+
+
+@needs_native
+@pytest.mark.parametrize("k,stride,pad,dilation,c,o", [
+    (3, 1, 1, 1, 32, 48), (3, 2, 1, 1, 16, 32), (7, 2, 3, 1, 3, 16), (1, 2, 0, 1, 24, 40), (3, 1, 2, 2, 16, 16)])
+def test_xla_input_gradient_convolves_with_the_native_swapped_kernel(k, stride, pad, dilation, c, o):
+  """Same input gradient as JAX's for strided, dilated, 7x7 and 1x1 convolutions, and in the
+  compiled step XLA convolves with flip_swap's output as it is: no transpose or reverse of the kernel."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 11, c))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, c, o))
+  g = jax.random.normal(jax.random.PRNGKey(2), conv.xla_conv(x, w, stride, pad, dilation).shape)
+  want = jax.vjp(lambda x: conv.xla_conv(x, w, stride, pad, dilation), x)[1](g)[0]
+  f = jax.jit(lambda x, w, g: conv.xla_input_grad(x, w, g, stride, pad, dilation))
+  np.testing.assert_allclose(f(x, w, g), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  ops = [ln.split("=", 1)[1].split("(")[0] for ln in f.lower(x, w, g).compile().as_text().splitlines()
+         if ln.startswith("  ") and " = " in ln and "metadata" in ln]
+  assert not any(op.endswith((" transpose", " reverse", " copy")) for op in ops), ops
+
+
+@needs_native
+def test_conv2d_gives_xla_run_layers_the_native_swapped_kernel():
+  """A 256-channel layer stays on XLA's convolution; its input gradient's kernel comes from flip_swap."""
+  x, k = jnp.ones((2, 4, 4, 256)), jnp.ones((3, 3, 256, 256))
+  step = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv2d(x, k, 1, 1) ** 2), argnums=(0, 1)))
+  text = step.lower(x, k).as_text()
+  assert "agejax_flip_swap" in text and "agejax_conv3x3" not in text
+  with native.disabled():
+    assert "agejax" not in jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv2d(x, k, 1, 1) ** 2))).lower(x, k).as_text()
+
+
+@needs_native
 def test_vmap_runs_image_sets_one_after_another():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 6, 6, 16))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 16))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("conv3x3.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-TARGETS = ("agejax_conv3x3_forward", "agejax_conv3x3_kernel_grad")
+TARGETS = ("agejax_conv3x3_forward", "agejax_conv3x3_kernel_grad", "agejax_flip_swap")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

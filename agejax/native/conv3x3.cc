@@ -6,10 +6,11 @@
 // of WT output pixels x OT vectors of output channels accumulates over the 3x3 taps
 // and input channels, one broadcast input value and OT kernel vectors per step.
 //
-// Two handlers:
+// Three handlers:
 //   agejax_conv3x3_forward(x, w) -> y            y = conv(x, w)
 //   agejax_conv3x3_kernel_grad(x, g) -> dw       dw[i,j,c,o] = sum x[n,h+i-1,w+j-1,c] g[n,h,w,o]
-// The input gradient is the forward on g with the kernel flipped and transposed (done in JAX).
+//   agejax_flip_swap(w) -> wt                    wt[i,j,o,c] = w[KH-1-i,KW-1-j,c,o], any KH x KW
+// The input gradient is a convolution of g with flip_swap(w): the forward here, XLA's elsewhere.
 //
 // Vectors are GCC vector extensions of VL floats: 16 with AVX-512, else 8 (AVX2), so the
 // build (-march=native) picks the widest the machine has. Output channels (forward) and
@@ -325,14 +326,44 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---- the input gradient's kernel -------------------------------------------------------
+
+// wt[i, j, o, c] = w[kh-1-i, kw-1-j, c, o]: a convolution's kernel flipped and its channel axes
+// swapped, which the input gradient convolves with. XLA:CPU fuses this into a loop that reads
+// with stride O: 2.3 ms for 3x3x512x512 (up to 7 ms in ResNet-34's step), against 1.4 for
+// 32x32 tiles that stay in L1 (a memcpy of it: 0.7).
+ffi::Error FlipSwap(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> wt) {
+  auto d = w.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("agejax_flip_swap: want w (KH, KW, C, O)");
+  constexpr int64_t T = 32;
+  const int64_t taps = d[0] * d[1], c = d[2], o = d[3];
+  const int64_t cblocks = (c + T - 1) / T, units = taps * cblocks;
+  const float* src = w.typed_data();
+  float* dst = wt->typed_data();
+  auto body = [&](int, int64_t u) {  // one tap, T input channels, every output channel
+    const int64_t t = u / cblocks, c0 = (u % cblocks) * T, c1 = std::min(c, c0 + T);
+    const float* s = src + (taps - 1 - t) * c * o;
+    float* q = dst + t * o * c;
+    for (int64_t o0 = 0; o0 < o; o0 += T)
+      for (int64_t oo = o0; oo < std::min(o, o0 + T); ++oo)
+        for (int64_t cc = c0; cc < c1; ++cc) q[oo * c + cc] = s[cc * o + oo];
+  };
+  parallel_units(pool, units, worker_count(pool, units), body);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-// Both handlers: the intra-op thread pool, two float32 operands, one float32 result.
+// Both convolution handlers: the intra-op thread pool, two float32 operands, one float32 result.
 #define AGEJAX_CONV3X3_BINDING                                                          \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_forward, Forward, AGEJAX_CONV3X3_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_kernel_grad, KernelGrad, AGEJAX_CONV3X3_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_flip_swap, FlipSwap,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int agejax_conv3x3_vector_floats() { return VL; }
