@@ -10,6 +10,7 @@ import pytest
 from agejax import native
 from agejax.models import conv
 from agejax.native import conv3x3 as nc
+from agejax.native import strided as ns
 
 WIDTH = native.vector_floats()
 needs_native = pytest.mark.skipif(WIDTH is None, reason="no C++ compiler: XLA's convolution is used")
@@ -113,6 +114,42 @@ def test_conv2d_gives_xla_run_layers_the_native_swapped_kernel():
 
 
 @needs_native
+@pytest.mark.parametrize("n,size,c,o,k,stride,pad", [
+    (3, 30, 3, 64, 7, 2, 3),    # ResNet's stem (at 30 px; 112 px is 56x56 outputs)
+    (2, 17, 3, 32, 5, 1, 2),    # stride 1, a 5x5 kernel, an odd size
+    (2, 15, 4, 16, 3, 2, 1),    # 3x3 stride 2 over 4 channels
+    (1, 11, 1, 48, 7, 3, 0),    # one channel, stride 3, no padding: 2x2 outputs, 3 output vectors
+])
+def test_strided_convolution_and_gradients_match_xla(n, size, c, o, k, stride, pad):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(size * 10 + k), 3)
+  x = jax.random.normal(kx, (n, size, size, c))
+  w = jax.random.normal(kw, (k, k, c, o)) / np.sqrt(k * k * c)
+  out = conv.xla_conv(x, w, stride, pad).shape
+  g = jax.random.normal(kg, out)
+  got = jax.jit(lambda x, w, g: _value_and_grads(lambda x, w: ns.conv_strided(x, w, stride, pad), x, w, g))(x, w, g)
+  want = jax.jit(lambda x, w, g: _value_and_grads(lambda x, w: conv.xla_conv(x, w, stride, pad), x, w, g))(x, w, g)
+  for name, a, b in zip(("y", "dx", "dkernel"), got, want):
+    assert a.shape == b.shape and a.dtype == jnp.float32, name
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))), err_msg=name)
+
+
+@needs_native
+def test_conv2d_takes_the_strided_kernel_for_stems_only():
+  f32 = jnp.float32
+  assert ns.supported((8, 112, 112, 3), (7, 7, 3, 64), 2, 3, 1, f32)         # ResNet's stem
+  assert not ns.supported((8, 56, 56, 16), (3, 3, 16, 64), 2, 1, 1, f32)     # a wide layer
+  assert not ns.supported((8, 112, 112, 3), (3, 3, 3, 64), 1, 1, 1, f32)     # 3x3 stride 1: conv3x3's
+  assert not ns.supported((8, 112, 112, 3), (7, 7, 3, 64), 2, 3, 2, f32)     # dilated
+  assert not ns.supported((8, 112, 112, 3), (7, 7, 3, 64), 2, 3, 1, jnp.bfloat16)
+  assert not ns.supported((8, 112, 112, 3), (7, 7, 3, WIDTH + 4), 2, 3, 1, f32)
+  x, k = jnp.ones((2, 32, 32, 3)), jnp.ones((7, 7, 3, 64))
+  step = jax.jit(jax.grad(lambda k: jnp.sum(conv.conv2d(x, k, 2, 3) ** 2))).lower(k).as_text()
+  assert "agejax_strided_forward" in step and "agejax_strided_kernel_grad" in step and "convolution" not in step
+  with native.disabled():
+    assert "agejax" not in jax.jit(lambda x, k: conv.conv2d(x, k, 2, 3)).lower(x, k).as_text()
+
+
+@needs_native
 def test_vmap_runs_image_sets_one_after_another():
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 6, 6, 16))
   k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 16))
@@ -125,7 +162,7 @@ def test_turned_off_or_unbuildable_falls_back_to_xla(monkeypatch, tmp_path, capl
   x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
   monkeypatch.setenv("AGEJAX_NATIVE", "0")
   assert native.vector_floats() is None and not nc.supported(x.shape, k.shape, 1, 1, 1, jnp.float32)
-  assert "agejax_conv3x3" not in jax.jit(lambda x, k: conv.conv2d(x, k, 1, 1)).lower(x, k).as_text()
+  assert "agejax" not in jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv2d(x, k, 1, 1)))).lower(x, k).as_text()
   monkeypatch.delenv("AGEJAX_NATIVE")
   saved = dict(native._state)
   monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
@@ -150,11 +187,16 @@ def test_cached_library_is_keyed_by_source_compiler_and_cpu(monkeypatch, tmp_pat
 
 
 @needs_native
-def test_kernel_gradient_is_bitwise_reproducible():
+def test_kernel_gradients_are_bitwise_reproducible():
   """Threads may run the units in any order; the partial sums are fixed, so resumed training is exact."""
   x = jax.random.normal(jax.random.PRNGKey(0), (12, 16, 16, 32))
   g = jax.random.normal(jax.random.PRNGKey(1), (12, 16, 16, 32))
   f = jax.jit(nc._kernel_grad)
+  first = np.asarray(f(x, g))
+  assert all(np.array_equal(first, np.asarray(f(x, g))) for _ in range(10))
+  x = jax.random.normal(jax.random.PRNGKey(2), (12, 30, 30, 3))
+  g = jax.random.normal(jax.random.PRNGKey(3), (12, 15, 15, 32))
+  f = jax.jit(lambda x, g: ns._kernel_grad(x, g, 7, 2, 3))
   first = np.asarray(f(x, g))
   assert all(np.array_equal(first, np.asarray(f(x, g))) for _ in range(10))
 

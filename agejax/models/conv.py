@@ -12,8 +12,10 @@ there. Both give the same numbers up to float rounding (tested).
 On one CPU device, a float32 3x3 stride-1 SAME convolution of at most 128x128 channels
 (whose output channels fill AVX-512/AVX2 vectors) runs on agejax's native direct
 convolution (`agejax/native`, compiled on first use): 1.1-4x faster than Eigen there,
-kernel gradients most of all. Everything below is what the other shapes, or machines
-without a C++ compiler, get.
+kernel gradients most of all; a strided stem over <= 4 channels (ResNet's 7x7/2) on its
+strided kernel (forward 1.6x, kernel gradient 3x). Other layers keep XLA's convolution,
+with the input gradient's kernel written by `native.flip_swap` (`xla_input_grad`).
+Everything below is what the other shapes, or machines without a C++ compiler, get.
 
 `stored_input` (models/stored.py) keeps XLA:CPU from recomputing a convolution's input inside its
 kernel gradient's transpose (+5% for the TinyAgeNet training step).
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 
 from agejax.models.stored import stored, stored_input
 from agejax.native import conv3x3 as native_conv3x3
+from agejax.native import strided as native_strided
 
 # He-normal over fan-out, as DLDL-v2's official code (kaiming_normal_, mode="fan_out").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -102,7 +105,7 @@ def xla_input_grad(x, kernel, g, stride, pad, dilation):
   """The input gradient of `xla_conv` at x for output gradient g: JAX's transposed convolution.
 
   XLA:CPU convolves it with the kernel flipped and its channel axes swapped, a transpose
-  XLA runs as a strided loop (2.4-3.7 ms a step for each 3x3x512x512 kernel). Where agejax's
+  XLA runs as a strided loop (2.3 ms for a 3x3x512x512 kernel alone, up to 7 in ResNet-34's step). Where agejax's
   native kernels are built, `flip_swap` writes that kernel instead, and the convolution is
   stated on it (in HWOI order, flipped back, which XLA cancels against JAX's flip), so
   XLA finds it already in the layout it needs.
@@ -206,6 +209,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilat
     return conv2d_taps(x, kernel, stride, pad, dilation)
   if native_conv3x3.supported(x.shape, kernel.shape, stride, pad, dilation, jnp.result_type(x, kernel)):
     return native_conv3x3.conv3x3(x, kernel)
+  if native_strided.supported(x.shape, kernel.shape, stride, pad, dilation, jnp.result_type(x, kernel)):
+    return native_strided.conv_strided(x, kernel, stride, pad)
   if (group_kernel_grad(x.shape[0], x.shape[-1])
       or pairs_columns(x.shape[-1], x.shape[2], kernel.shape[:2], stride, pad, dilation)
       or native_conv3x3.swaps_kernels(jnp.result_type(x, kernel))):

@@ -3,8 +3,8 @@
 jaxlib's XLA:CPU computes a convolution as Eigen's im2col + contraction; on the
 16-64-channel maps of TinyAgeNet and ThinAgeNet that ran 2-5x behind PyTorch's
 oneDNN, most of all for the kernel gradient (docs/RESULTS.md), and neither XLA
-flags nor reformulations in JAX closed the gap. `conv3x3.cc` is a direct
-convolution in oneDNN's style, exposed to XLA through its FFI (`jax.ffi`).
+flags nor reformulations in JAX closed the gap. `kernels.cc` holds direct
+convolutions in oneDNN's style, exposed to XLA through its FFI (`jax.ffi`).
 
 It is built with the system C++ compiler and `-march=native` (so it uses AVX-512
 where the CPU has it, else AVX2) against the FFI headers jaxlib ships, once per
@@ -30,9 +30,10 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("conv3x3.cc")
+SOURCE = Path(__file__).with_name("kernels.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-TARGETS = ("agejax_conv3x3_forward", "agejax_conv3x3_kernel_grad", "agejax_flip_swap")
+TARGETS = ("agejax_conv3x3_forward", "agejax_conv3x3_kernel_grad", "agejax_strided_forward",
+           "agejax_strided_kernel_grad", "agejax_flip_swap")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -77,7 +78,7 @@ def library_path(compiler: str) -> Path:
                metadata.version("jaxlib").encode(), _cpu_signature().encode()):
     key.update(part)
     key.update(b"\0")
-  return cache_dir() / f"conv3x3-{key.hexdigest()[:16]}.so"
+  return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 def build(compiler: str, out: Path) -> None:
@@ -103,7 +104,7 @@ def _load() -> int | None:
     raise RuntimeError("no C++ compiler (g++ or clang++, or $CXX) found")
   path = library_path(compiler)
   if not path.exists():
-    logging.info("agejax: compiling the native 3x3 convolution into %s (once per machine)", path)
+    logging.info("agejax: compiling the native convolution kernels into %s (once per machine)", path)
     try:
       build(compiler, path)
     except subprocess.CalledProcessError as e:
@@ -114,7 +115,7 @@ def _load() -> int | None:
   for name in TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   _state["lib"] = lib  # keep it loaded
-  return int(lib.agejax_conv3x3_vector_floats())
+  return int(lib.agejax_vector_floats())
 
 
 def vector_floats() -> int | None:
@@ -132,3 +133,11 @@ def vector_floats() -> int | None:
         logging.warning("agejax: native convolution unavailable, using XLA's: %s", e)
         _state["width"] = None
     return _state["width"]
+
+
+def require() -> int:
+  """`vector_floats()`, raising where the kernels are unavailable: for code that was told they are."""
+  width = vector_floats()
+  if width is None:
+    raise RuntimeError("agejax's native kernels are unavailable here (see the warning logged above)")
+  return width

@@ -1,8 +1,8 @@
-"""The native 3x3 SAME convolution (conv3x3.cc) as a differentiable JAX function.
+"""The native 3x3 SAME convolution (kernels.cc) as a differentiable JAX function.
 
 Forward and kernel gradient are the FFI kernels; the input gradient is the forward
 applied to the output gradient with the kernel flipped and its channel axes
-swapped (a SAME 3x3 convolution's transpose), so it too runs natively where the
+swapped (`flip_swap`: a SAME 3x3 convolution's transpose), so it too runs natively where the
 input channels fill whole vectors, and is XLA's otherwise (a first RGB layer,
 whose input gradient is unused and removed by XLA).
 """
@@ -18,21 +18,14 @@ from agejax import native
 MAX_CHANNEL_PRODUCT = 128 * 128  # input x output channels where the native kernel is faster
 
 
-def _require() -> int:
-  width = native.vector_floats()  # builds and registers the kernels on first use
-  if width is None:
-    raise RuntimeError("agejax's native convolution is unavailable here (see the warning logged above)")
-  return width
-
-
 def _forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  _require()
+  native.require()
   out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[-1:], jnp.float32)
   return jax.ffi.ffi_call("agejax_conv3x3_forward", out, vmap_method="sequential")(x, kernel)
 
 
 def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-  _require()
+  native.require()
   out = jax.ShapeDtypeStruct((3, 3, x.shape[-1], g.shape[-1]), jnp.float32)
   return jax.ffi.ffi_call("agejax_conv3x3_kernel_grad", out, vmap_method="sequential")(x, g)
 
@@ -40,7 +33,7 @@ def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 def flip_swap(kernel: jax.Array) -> jax.Array:
   """kernel[::-1, ::-1].swapaxes(2, 3) for a (KH, KW, C, O) float32 kernel: the kernel a convolution's
   input gradient convolves with, written by 32x32 tiles (3x3x512x512: 1.4 ms against 2.3 for XLA's strided loop)."""
-  _require()
+  native.require()
   kh, kw, c, o = kernel.shape
   out = jax.ShapeDtypeStruct((kh, kw, o, c), jnp.float32)
   return jax.ffi.ffi_call("agejax_flip_swap", out, vmap_method="sequential")(kernel)
@@ -81,7 +74,7 @@ def _fwd(x, kernel):
 
 def _bwd(residuals, g):
   x, kernel = residuals
-  if x.shape[-1] % _require() == 0:
+  if x.shape[-1] % native.require() == 0:
     dx = _forward(g, flip_swap(kernel))
   else:
     from agejax.models.conv import xla_input_grad  # here: models.conv imports this module

@@ -1,16 +1,18 @@
-// 3x3 stride-1 SAME convolution (NHWC x HWIO, float32) for XLA:CPU, as XLA FFI handlers.
+// agejax's native kernels for XLA:CPU (float32, NHWC x HWIO), as XLA FFI handlers.
 //
 // Why: jaxlib's XLA:CPU convolves through Eigen's im2col + contraction, which on
 // 16-64-channel maps runs 2-5x slower than PyTorch's oneDNN direct convolution
-// (docs/RESULTS.md). This is a direct convolution in the same style: a register tile
-// of WT output pixels x OT vectors of output channels accumulates over the 3x3 taps
-// and input channels, one broadcast input value and OT kernel vectors per step.
+// (docs/RESULTS.md). These are direct convolutions in the same style: a register tile
+// of output pixels x vectors of output channels accumulates over the taps and input
+// channels, one broadcast input value and a few kernel vectors per step.
 //
-// Three handlers:
-//   agejax_conv3x3_forward(x, w) -> y            y = conv(x, w)
+// Handlers:
+//   agejax_conv3x3_forward(x, w) -> y            3x3 stride-1 SAME: y = conv(x, w)
 //   agejax_conv3x3_kernel_grad(x, g) -> dw       dw[i,j,c,o] = sum x[n,h+i-1,w+j-1,c] g[n,h,w,o]
+//   agejax_strided_forward(x, w; stride, pad)    KxK, any stride and padding, few input channels
+//   agejax_strided_kernel_grad(x, g; stride, pad)   (a stem: ResNet's 7x7/2 over RGB)
 //   agejax_flip_swap(w) -> wt                    wt[i,j,o,c] = w[KH-1-i,KW-1-j,c,o], any KH x KW
-// The input gradient is a convolution of g with flip_swap(w): the forward here, XLA's elsewhere.
+// An input gradient is a convolution of g with flip_swap(w): the 3x3 forward, or XLA's.
 //
 // Vectors are GCC vector extensions of VL floats: 16 with AVX-512, else 8 (AVX2), so the
 // build (-march=native) picks the widest the machine has. Output channels (forward) and
@@ -92,19 +94,20 @@ int64_t band_rows(int64_t n, int64_t h, int64_t w, int64_t channels, int64_t thr
   return std::min(rows, h);
 }
 
-// Copies input rows [r0 - 1, r1 + 1) of one image into `slab` with a zero border:
-// slab is (r1 - r0 + 2) x (w + 2) x c.
-void fill_slab(const float* img, int64_t h, int64_t w, int64_t c, int64_t r0, int64_t r1, float* slab) {
-  const int64_t prow = (w + 2) * c;
-  for (int64_t r = r0 - 1; r <= r1; ++r) {
-    float* dst = slab + (r - r0 + 1) * prow;
+// Copies input rows [r0, r1) of one image into `slab` with a zero border of `pad` columns on
+// each side, and zero rows where r0 < 0 or r1 > h: slab is (r1 - r0) x (w + 2 pad) x c.
+void fill_slab(const float* img, int64_t h, int64_t w, int64_t c, int64_t r0, int64_t r1, int64_t pad,
+               float* slab) {
+  const int64_t prow = (w + 2 * pad) * c;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dst = slab + (r - r0) * prow;
     if (r < 0 || r >= h) {
       std::memset(dst, 0, prow * sizeof(float));
       continue;
     }
-    std::memset(dst, 0, c * sizeof(float));
-    std::memcpy(dst + c, img + r * w * c, w * c * sizeof(float));
-    std::memset(dst + (w + 1) * c, 0, c * sizeof(float));
+    std::memset(dst, 0, pad * c * sizeof(float));
+    std::memcpy(dst + pad * c, img + r * w * c, w * c * sizeof(float));
+    std::memset(dst + (w + pad) * c, 0, pad * c * sizeof(float));
   }
 }
 
@@ -209,7 +212,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   auto body = [&](int id, int64_t u) {
     const int64_t img = u / bands, r0 = (u % bands) * rows, r1 = std::min(h, r0 + rows);
     float* slab = slabs[id].data();
-    fill_slab(xp + img * h * w * c, h, w, c, r0, r1, slab);
+    fill_slab(xp + img * h * w * c, h, w, c, r0 - 1, r1 + 1, 1, slab);
     float* out = yp + (img * h + r0) * w * o;
     if (o % (4 * VL) == 0 && VL == 16) forward_band_c<4>(slab, prow, r1 - r0, w, c, wp, o, out);
     else if (o % (2 * VL) == 0) forward_band_c<2>(slab, prow, r1 - r0, w, c, wp, o, out);
@@ -309,7 +312,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t r0 = bands == 1 ? 0 : (u % bands) * rows, r1 = std::min(h, r0 + rows);
     float* slab = slabs[id].data();
     for (int64_t m = 0; m < images; ++m)
-      fill_slab(xp + (img + m) * h * w * c, h, w, c, r0, r1, slab + m * islab);
+      fill_slab(xp + (img + m) * h * w * c, h, w, c, r0 - 1, r1 + 1, 1, slab + m * islab);
     const float* gb = gp + (img * h + r0) * w * o;
     float* d = partial[chunk].data();
     if (o % (2 * VL) == 0) kernel_grad_band<2>(slab, islab, images, prow, r1 - r0, w, c, gb, h * w * o, o, d);
@@ -317,6 +320,202 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   };
   auto body = [&](int id, int64_t chunk) {
     for (int64_t u = chunk * units / workers; u < (chunk + 1) * units / workers; ++u) unit(id, chunk, u);
+  };
+  parallel_units(pool, workers, workers, body);
+  float* out = dw->typed_data();
+  std::memcpy(out, partial[0].data(), size * sizeof(float));
+  for (int t = 1; t < workers; ++t)
+    for (int64_t e = 0; e < size; ++e) out[e] += partial[t][e];
+  return ffi::Error::Success();
+}
+
+// ---- strided convolution over few input channels (a stem: ResNet's 7x7/2 over RGB) ----------
+//
+// x (N, H, W, C), w (K, K, C, O), stride S, padding P: y (N, HO, WO, O). With C this small the
+// 3x3 kernels' channel tiles would hold one channel each, so kernel columns and channels are
+// taken together: for kernel row i, the K*C values (j, c) an output pixel reads are one
+// contiguous run of the padded input row, and w[i] is the matching (K*C, O) matrix. Forward and
+// kernel gradient then run as the 3x3 ones do, over A = K*C "virtual channels", with output
+// pixels S*C floats apart in the input.
+
+struct Strided {  // the shapes of one call
+  int64_t n, h, w, c, o, k, s, p, ho, wo, prow, a;
+  Strided(ffi::Span<const int64_t> xd, int64_t k_, int64_t o_, int64_t s_, int64_t p_)
+      : n(xd[0]), h(xd[1]), w(xd[2]), c(xd[3]), o(o_), k(k_), s(s_), p(p_),
+        ho((xd[1] + 2 * p_ - k_) / s_ + 1), wo((xd[2] + 2 * p_ - k_) / s_ + 1),
+        prow((xd[2] + 2 * p_) * xd[3]), a(k_ * xd[3]) {}
+  // Input rows (padded) behind output rows [r0, r1).
+  int64_t in_rows(int64_t r0, int64_t r1) const { return (r1 - r0 - 1) * s + k; }
+  void fill(const float* x, int64_t img, int64_t r0, int64_t r1, float* slab) const {
+    fill_slab(x + img * h * w * c, h, w, c, r0 * s - p, (r1 - 1) * s - p + k, p, slab);
+  }
+};
+
+template <int WT, int OT>
+inline void strided_forward_tile(const float* xs, const Strided& d, const float* wk, float* y) {
+  vec acc[WT][OT];
+  _Pragma("GCC unroll 32")
+  for (int q = 0; q < WT; ++q)
+    _Pragma("GCC unroll 32")
+    for (int j = 0; j < OT; ++j) acc[q][j] = vec{};
+  const int64_t step = d.s * d.c;
+  for (int64_t i = 0; i < d.k; ++i) {
+    const float* xr = xs + i * d.prow;
+    const float* wr = wk + i * d.a * d.o;
+    for (int64_t a = 0; a < d.a; ++a) {
+      vec wv[OT];
+      _Pragma("GCC unroll 32")
+      for (int j = 0; j < OT; ++j) wv[j] = load(wr + a * d.o + j * VL);
+      _Pragma("GCC unroll 32")
+      for (int q = 0; q < WT; ++q) {
+        const float b = xr[q * step + a];
+        _Pragma("GCC unroll 32")
+        for (int j = 0; j < OT; ++j) acc[q][j] += b * wv[j];
+      }
+    }
+  }
+  _Pragma("GCC unroll 32")
+  for (int q = 0; q < WT; ++q)
+    _Pragma("GCC unroll 32")
+    for (int j = 0; j < OT; ++j) store(y + q * d.o + j * VL, acc[q][j]);
+}
+
+template <int OT, int WT>
+inline void strided_forward_tail(int64_t rem, const float* xs, const Strided& d, const float* wk, float* y) {
+  if constexpr (WT > 0) {
+    if (rem == WT) return strided_forward_tile<WT, OT>(xs, d, wk, y);
+    strided_forward_tail<OT, WT - 1>(rem, xs, d, wk, y);
+  }
+}
+
+template <int OT>
+void strided_forward_band(const float* slab, const Strided& d, int64_t rows, const float* wk, float* y) {
+  constexpr int WT = kMaxAcc / OT;
+  const int64_t tiles = (d.wo + WT - 1) / WT, base = d.wo / tiles, wider = d.wo % tiles;
+  for (int64_t ob = 0; ob < d.o; ob += OT * VL)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0, x0 = 0; t < tiles; ++t) {
+        const int64_t width = base + (t < wider);
+        strided_forward_tail<OT, WT>(width, slab + r * d.s * d.prow + x0 * d.s * d.c, d, wk + ob,
+                                     y + (r * d.wo + x0) * d.o + ob);
+        x0 += width;
+      }
+}
+
+// Accumulates dw[i, a0:a0+CT, o0:o0+OT*VL] over one band's output pixels.
+template <int CT, int OT>
+void strided_kernel_grad_tile(const float* slab, const Strided& d, int64_t rows, int64_t i, int64_t a0,
+                              const float* g, int64_t o0, float* dw) {
+  vec acc[CT][OT];
+  _Pragma("GCC unroll 32")
+  for (int b = 0; b < CT; ++b)
+    _Pragma("GCC unroll 32")
+    for (int j = 0; j < OT; ++j) acc[b][j] = vec{};
+  const int64_t step = d.s * d.c;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = slab + (r * d.s + i) * d.prow + a0;
+    const float* gr = g + r * d.wo * d.o + o0;
+    for (int64_t x = 0; x < d.wo; ++x) {
+      vec gv[OT];
+      _Pragma("GCC unroll 32")
+      for (int j = 0; j < OT; ++j) gv[j] = load(gr + x * d.o + j * VL);
+      const float* xv = xr + x * step;
+      _Pragma("GCC unroll 32")
+      for (int b = 0; b < CT; ++b) {
+        const float v = xv[b];
+        _Pragma("GCC unroll 32")
+        for (int j = 0; j < OT; ++j) acc[b][j] += v * gv[j];
+      }
+    }
+  }
+  float* out = dw + (i * d.a + a0) * d.o + o0;
+  _Pragma("GCC unroll 32")
+  for (int b = 0; b < CT; ++b)
+    _Pragma("GCC unroll 32")
+    for (int j = 0; j < OT; ++j) store(out + b * d.o + j * VL, load(out + b * d.o + j * VL) + acc[b][j]);
+}
+
+template <int OT, int CT>
+inline void strided_kernel_grad_tail(int64_t rem, const float* slab, const Strided& d, int64_t rows, int64_t i,
+                                     int64_t a0, const float* g, int64_t o0, float* dw) {
+  if constexpr (CT > 0) {
+    if (rem == CT) return strided_kernel_grad_tile<CT, OT>(slab, d, rows, i, a0, g, o0, dw);
+    strided_kernel_grad_tail<OT, CT - 1>(rem, slab, d, rows, i, a0, g, o0, dw);
+  }
+}
+
+template <int OT>
+void strided_kernel_grad_band(const float* slab, const Strided& d, int64_t rows, const float* g, float* dw) {
+  constexpr int CT = kMaxAcc / OT;
+  for (int64_t i = 0; i < d.k; ++i)
+    for (int64_t ob = 0; ob < d.o; ob += OT * VL)
+      for (int64_t a0 = 0; a0 < d.a; a0 += CT)
+        strided_kernel_grad_tail<OT, CT>(std::min<int64_t>(CT, d.a - a0), slab, d, rows, i, a0, g, ob, dw);
+}
+
+// The band functions with the widest register tile of output vectors that divides O.
+void strided_forward_rows(const float* slab, const Strided& d, int64_t rows, const float* wk, float* y) {
+  if (VL == 16 && d.o % (4 * VL) == 0) strided_forward_band<4>(slab, d, rows, wk, y);
+  else if (d.o % (2 * VL) == 0) strided_forward_band<2>(slab, d, rows, wk, y);
+  else strided_forward_band<1>(slab, d, rows, wk, y);
+}
+
+void strided_kernel_grad_rows(const float* slab, const Strided& d, int64_t rows, const float* g, float* dw) {
+  if (VL == 16 && d.o % (4 * VL) == 0) strided_kernel_grad_band<4>(slab, d, rows, g, dw);
+  else if (d.o % (2 * VL) == 0) strided_kernel_grad_band<2>(slab, d, rows, g, dw);
+  else strided_kernel_grad_band<1>(slab, d, rows, g, dw);
+}
+
+ffi::Error StridedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wk,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad) {
+  auto xd = x.dimensions();
+  auto wd = wk.dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || wd[0] != wd[1] || wd[2] != xd[3] || stride < 1 || pad < 0)
+    return ffi::Error::InvalidArgument("agejax_strided_forward: want x NHWC and w (K, K, C, O)");
+  if (wd[3] % VL != 0) return ffi::Error::InvalidArgument("agejax_strided_forward: O must be a multiple of the vector width");
+  const Strided d(xd, wd[0], wd[3], stride, pad);
+  const int64_t rows = band_rows(d.n, d.ho, d.wo, d.o, pool.num_threads());
+  const int64_t bands = (d.ho + rows - 1) / rows, units = d.n * bands;
+  const int workers = worker_count(pool, units);
+  std::vector<std::vector<float>> slabs(workers, std::vector<float>(d.in_rows(0, rows) * d.prow));
+  const float* xp = x.typed_data();
+  auto body = [&](int id, int64_t u) {
+    const int64_t img = u / bands, r0 = (u % bands) * rows, r1 = std::min(d.ho, r0 + rows);
+    d.fill(xp, img, r0, r1, slabs[id].data());
+    strided_forward_rows(slabs[id].data(), d, r1 - r0, wk.typed_data(),
+                         y->typed_data() + (img * d.ho + r0) * d.wo * d.o);
+  };
+  parallel_units(pool, units, workers, body);
+  return ffi::Error::Success();
+}
+
+ffi::Error StridedKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                             ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t pad) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  auto wd = dw->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || wd.size() != 4 || wd[0] != wd[1] || wd[2] != xd[3] || wd[3] != gd[3]
+      || stride < 1 || pad < 0)
+    return ffi::Error::InvalidArgument("agejax_strided_kernel_grad: want x, g NHWC and dw (K, K, C, O)");
+  const Strided d(xd, wd[0], wd[3], stride, pad);
+  if (gd[0] != d.n || gd[1] != d.ho || gd[2] != d.wo)
+    return ffi::Error::InvalidArgument("agejax_strided_kernel_grad: g is not the output's shape");
+  if (d.o % VL != 0) return ffi::Error::InvalidArgument("agejax_strided_kernel_grad: O must be a multiple of the vector width");
+  const int64_t rows = band_rows(d.n, d.ho, d.wo, d.o, pool.num_threads());
+  const int64_t bands = (d.ho + rows - 1) / rows, units = d.n * bands;
+  // Deterministic sums, as in KernelGrad: fixed unit ranges per chunk, partials added in chunk order.
+  const int workers = worker_count(pool, units);
+  const int64_t size = d.k * d.a * d.o;
+  std::vector<std::vector<float>> slabs(workers, std::vector<float>(d.in_rows(0, rows) * d.prow));
+  std::vector<std::vector<float>> partial(workers, std::vector<float>(size, 0.0f));
+  const float* xp = x.typed_data();
+  auto body = [&](int id, int64_t chunk) {
+    for (int64_t u = chunk * units / workers; u < (chunk + 1) * units / workers; ++u) {
+      const int64_t img = u / bands, r0 = (u % bands) * rows, r1 = std::min(d.ho, r0 + rows);
+      d.fill(xp, img, r0, r1, slabs[id].data());
+      strided_kernel_grad_rows(slabs[id].data(), d, r1 - r0,
+                               g.typed_data() + (img * d.ho + r0) * d.wo * d.o, partial[chunk].data());
+    }
   };
   parallel_units(pool, workers, workers, body);
   float* out = dw->typed_data();
@@ -354,7 +553,7 @@ ffi::Error FlipSwap(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBu
 
 }  // namespace
 
-// Both convolution handlers: the intra-op thread pool, two float32 operands, one float32 result.
+// The 3x3 handlers: the intra-op thread pool, two float32 operands, one float32 result.
 #define AGEJAX_CONV3X3_BINDING                                                          \
   ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>() \
       .Ret<ffi::Buffer<ffi::F32>>()
@@ -362,8 +561,14 @@ ffi::Error FlipSwap(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_forward, Forward, AGEJAX_CONV3X3_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_conv3x3_kernel_grad, KernelGrad, AGEJAX_CONV3X3_BINDING);
 
+// The strided handlers: the same, with the stride and padding as attributes.
+#define AGEJAX_STRIDED_BINDING AGEJAX_CONV3X3_BINDING.Attr<int64_t>("stride").Attr<int64_t>("pad")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_strided_forward, StridedForward, AGEJAX_STRIDED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_strided_kernel_grad, StridedKernelGrad, AGEJAX_STRIDED_BINDING);
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(agejax_flip_swap, FlipSwap,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-extern "C" int agejax_conv3x3_vector_floats() { return VL; }
+extern "C" int agejax_vector_floats() { return VL; }
