@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from agejax import native
 from agejax.models.stored import stored, stored_input
 from agejax.native import conv3x3 as native_conv3x3
 from agejax.native import strided as native_strided
@@ -110,7 +111,7 @@ def xla_input_grad(x, kernel, g, stride, pad, dilation):
   stated on it (in HWOI order, flipped back, which XLA cancels against JAX's flip), so
   XLA finds it already in the layout it needs.
   """
-  if native_conv3x3.swaps_kernels(jnp.result_type(x, kernel)):
+  if native.usable(jnp.result_type(x, kernel)):
     swapped = native_conv3x3.flip_swap(kernel)
     conv = lambda x: jax.lax.conv_general_dilated(
         x, jnp.flip(swapped, (0, 1)), (stride, stride), [(pad, pad), (pad, pad)],
@@ -213,7 +214,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilat
     return native_strided.conv_strided(x, kernel, stride, pad)
   if (group_kernel_grad(x.shape[0], x.shape[-1])
       or pairs_columns(x.shape[-1], x.shape[2], kernel.shape[:2], stride, pad, dilation)
-      or native_conv3x3.swaps_kernels(jnp.result_type(x, kernel))):
+      or native.usable(jnp.result_type(x, kernel))):
     return xla_conv_cpu(x, kernel, stride, pad, dilation)
   x = stored_input(x)  # an XLA:CPU fusion workaround; a no-op on other backends
   return xla_conv(x, kernel, stride, pad, dilation)

@@ -141,3 +141,13 @@ def require() -> int:
   if width is None:
     raise RuntimeError("agejax's native kernels are unavailable here (see the warning logged above)")
   return width
+
+
+def usable(dtype) -> bool:
+  """True where the kernels apply at all: built, XLA:CPU, one device (a custom call has no sharding
+  rule, so XLA would gather a batch sharded over several devices onto each), float32."""
+  import jax
+  import jax.numpy as jnp
+
+  return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu" and jax.device_count() == 1
+          and vector_floats() is not None)

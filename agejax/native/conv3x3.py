@@ -39,27 +39,17 @@ def flip_swap(kernel: jax.Array) -> jax.Array:
   return jax.ffi.ffi_call("agejax_flip_swap", out, vmap_method="sequential")(kernel)
 
 
-def swaps_kernels(dtype) -> bool:
-  """True where `flip_swap` applies and is built: XLA:CPU on one device, float32."""
-  return (jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu" and jax.device_count() == 1
-          and native.vector_floats() is not None)
-
-
 def supported(x_shape, kernel_shape, stride: int, pad: int, dilation: int, dtype) -> bool:
-  """True where `conv3x3` applies and is built: XLA:CPU on one device, float32, 3x3 SAME stride 1,
-  output channels a multiple of the vector width.
+  """True where `conv3x3` applies (`native.usable`): 3x3 SAME stride 1, output channels a multiple
+  of the vector width.
 
   At most 128 x 128 channels: the kernel streams a 3x3xCx64 kernel block from L2 per row
   tile; with 256 channels it ran 1.1-2.5x behind Eigen's large contraction, 1.1-4x
-  ahead below (docs/RESULTS.md). One device only:
-  a custom call has no sharding rule, so XLA would gather a batch sharded over several
-  devices onto each; those keep XLA's convolution.
+  ahead below (docs/RESULTS.md).
   """
-  if (len(x_shape) != 4 or tuple(kernel_shape[:2]) != (3, 3) or (stride, pad, dilation) != (1, 1, 1)
-      or x_shape[-1] * kernel_shape[-1] > MAX_CHANNEL_PRODUCT or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() != 1):
-    return False
-  width = native.vector_floats()
-  return width is not None and kernel_shape[-1] % width == 0
+  return (len(x_shape) == 4 and tuple(kernel_shape[:2]) == (3, 3) and (stride, pad, dilation) == (1, 1, 1)
+          and x_shape[-1] * kernel_shape[-1] <= MAX_CHANNEL_PRODUCT and native.usable(dtype)
+          and kernel_shape[-1] % native.vector_floats() == 0)
 
 
 @jax.custom_vjp

@@ -42,16 +42,13 @@ def _kernel_grad(x, g, k, stride, pad):
 
 
 def supported(x_shape, kernel_shape, stride: int, pad: int, dilation: int, dtype) -> bool:
-  """True where `conv_strided` applies and is built: XLA:CPU on one device, float32, a square
-  kernel of at least 5x5 or a stride of 2 or more, no dilation, at most 4 input channels,
-  output channels a multiple of the vector width. (3x3 stride-1 layers have `conv3x3`.)"""
-  if (len(x_shape) != 4 or kernel_shape[0] != kernel_shape[1] or dilation != 1
-      or x_shape[-1] > MAX_INPUT_CHANNELS or (kernel_shape[0] < 5 and stride == 1) or pad >= kernel_shape[0]
-      or min(x_shape[1:3]) + 2 * pad < kernel_shape[0]
-      or jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or jax.device_count() != 1):
-    return False
-  width = native.vector_floats()
-  return width is not None and kernel_shape[-1] % width == 0
+  """True where `conv_strided` applies (`native.usable`): a square kernel of at least 5x5 or a
+  stride of 2 or more, no dilation, at most 4 input channels, output channels a multiple of the
+  vector width. (3x3 stride-1 layers have `conv3x3`.)"""
+  return (len(x_shape) == 4 and kernel_shape[0] == kernel_shape[1] and dilation == 1
+          and x_shape[-1] <= MAX_INPUT_CHANNELS and (kernel_shape[0] >= 5 or stride > 1) and pad < kernel_shape[0]
+          and min(x_shape[1:3]) + 2 * pad >= kernel_shape[0] and native.usable(dtype)
+          and kernel_shape[-1] % native.vector_floats() == 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
