@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from agejax.models.attention import MultiScaleAttention
+from agejax.models.face_resnet import FaceResNetTrunk
 from agejax.models.heads import AGE_HEADS, Heads
 from agejax.models.resnet import STAGE_SIZES, ResNetTrunk
 from agejax.models.vgg import VGGTrunk
@@ -30,14 +31,17 @@ class AgeNet(nn.Module):
     return self.heads(self.trunk(images, train=train))
 
 
-def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction) -> nn.Module:
+def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction, norm) -> nn.Module:
   if name == "mtmsa":
     name, msa_stages = "resnet34", tuple(msa_stages) or (3, 4)
   msa = dict(msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates), msa_reduction=msa_reduction)
   blocks = 4 if name in STAGE_SIZES else 5
   if any(not 1 <= s <= blocks for s in msa["msa_stages"]):
     raise ValueError(f"msa_stages {msa['msa_stages']}: the {name} trunk has "
-                     + ("stages 1..4." if blocks == 4 else "conv blocks 1..5."))
+                     + ("stages 1..4." if blocks == 4 else "levels 1..5." if name == "face_resnet"
+                        else "conv blocks 1..5."))
+  if name == "face_resnet":
+    return FaceResNetTrunk(norm=norm or "affine", dtype=dtype, **msa)
   if name == "thin":
     return VGGTrunk(width=0.5, dtype=dtype, **msa)
   if name == "tiny":
@@ -49,22 +53,24 @@ def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction) -> nn.Module:
   raise ValueError(f"Unknown model {name!r}; choose one of {MODEL_NAMES}.")
 
 
-MODEL_NAMES = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa")
+MODEL_NAMES = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa", "face_resnet")
 
 
 def create(name: str, *, age_head: str = "distribution", num_labels: int = 101, age_center: float = 50.0,
            gender: bool = False, race: bool = False, dtype: Any = jnp.float32,
-           msa_stages=(), msa_rates=(1, 2, 5), msa_reduction: int = 4) -> AgeNet:
+           msa_stages=(), msa_rates=(1, 2, 5), msa_reduction: int = 4, norm: str = "") -> AgeNet:
   """Build a network by name. `dtype` is the compute dtype; parameters stay float32.
 
   "mtmsa" is ResNet-34 with MSA after stages 3 and 4 (unless `msa_stages` says
   otherwise); any trunk gets MSA with `msa_stages` (ResNet stages 1-4, VGG conv
-  blocks 1-5). Multi-task heads are
-  configuration (`gender`, `race`) for every trunk.
+  blocks 1-5, face ResNet levels 1-5). Multi-task heads are configuration (`gender`,
+  `race`) for every trunk. "face_resnet" is dlib's face-recognition ResNet
+  (models/face_resnet.py; pretrained weights from `agejax.pretrained`), its
+  normalisation layers `norm` = "affine" (dlib's, the default) or "batch".
   """
   if isinstance(dtype, str):
     dtype = jnp.dtype(dtype)
-  trunk = _trunk(name, dtype, msa_stages, msa_rates, msa_reduction)
+  trunk = _trunk(name, dtype, msa_stages, msa_rates, msa_reduction, norm)
   return AgeNet(trunk, Heads(age_head, num_labels, age_center, gender, race))
 
 

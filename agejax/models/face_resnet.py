@@ -1,0 +1,136 @@
+"""dlib's face-recognition ResNet (King, dlib 19.3, 2017) as a Flax trunk.
+
+The network of dlib's `dnn_face_recognition_ex.cpp` ("anet_type"): ResNet-34's plan at
+half width, a 7x7/2 stem, 3x3/2 max-pool, four levels of residual blocks (3 x 32,
+4 x 64, 3 x 128, 3 x 256 channels, counting each level's down block) and a last
+down block of 256, global average, then a 128-d `fc_no_bias` (the face descriptor).
+Its weights (public domain) come from `agejax.pretrained`. What reproduces dlib:
+
+- dlib pads a convolution or pool only when its stride is 1 (by half the kernel), so
+  the stem, the strided block convolutions and every pool are VALID: 150 px input ->
+  72 -> 35 (max-pool) -> 35 -> 17 -> 8 -> 4 -> 2.
+- Every convolution has a bias. Each block is conv3x3(stride s) -> affine -> relu -> conv3x3 -> affine, added to the
+  shortcut, then relu. A down block's shortcut is a 2x2/2 average pool of its input;
+  dlib's `add_prev` sums tensors of different shapes by padding both with zeros at the
+  end of each axis (channels 32 -> 64, and 3x3 + 4x4 -> 4x4 in the third down block).
+- `affine` is a per-channel scale and shift (dlib's inference form of batch norm).
+  `norm="batch"` puts batch normalisation there instead, for fine-tuning; `Affine`
+  and `BatchNorm` share the `scale`/`bias` names.
+- Input: dlib feeds (pixel - (122.782, 117.001, 104.298)) / 256. The trunk takes
+  agejax's normalised input (`agejax.data.augment.normalize`) and maps it to dlib's
+  exactly (both are per-channel affine maps of the pixels), so it drops into every
+  training and export path unchanged; `pixels=True` takes [0, 255] RGB instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from agejax.data import augment
+from agejax.models.attention import MultiScaleAttention
+from agejax.models.batch_norm import BatchNorm
+from agejax.models.conv import Conv
+from agejax.models.pooling import max_pool_3x3_s2
+
+DLIB_MEAN = (122.782, 117.001, 104.298)
+# Blocks per level from the input side: (channels, blocks, first block is a down block).
+LEVELS = ((32, 3, False), (64, 4, True), (128, 3, True), (256, 3, True), (256, 1, True))
+DESCRIPTOR_SIZE = 128
+INPUT_SIZE = 150
+
+
+class Affine(nn.Module):
+  """y = x * scale + bias per channel (dlib's affine_ layer)."""
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return x * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def add_padded(a, b):
+  """dlib's add_prev: a + b over the larger extent of each axis, each zero-padded at the end."""
+  shape = tuple(max(p, q) for p, q in zip(a.shape, b.shape))
+  pad = lambda t: jnp.pad(t, [(0, s - n) for n, s in zip(t.shape, shape)]) if t.shape != shape else t
+  return pad(a) + pad(b)
+
+
+def avg_pool_2x2(x):
+  """2x2/2 average pool, VALID (an odd last row or column is dropped), on NHWC."""
+  n, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def dlib_input(x, pixels: bool):
+  """agejax-normalised (or, with pixels=True, [0, 255]) RGB -> dlib's (pixel - mean) / 256."""
+  if not pixels:
+    x = (x * jnp.array(augment.STD) + jnp.array(augment.MEAN)) * 255.0
+  return (x - jnp.array(DLIB_MEAN)) / 256.0
+
+
+class FaceBlock(nn.Module):
+  """dlib's ares / ares_down: relu(block(x) + shortcut(x))."""
+  features: int
+  down: bool = False
+  norm: str = "affine"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = lambda: _norm(self.norm, train, self.dtype)
+    stride = 2 if self.down else 1
+    y = Conv(self.features, 3, stride, padding=1 if stride == 1 else 0, use_bias=True, dtype=self.dtype)(x)
+    y = nn.relu(norm()(y))
+    y = norm()(Conv(self.features, 3, 1, padding=1, use_bias=True, dtype=self.dtype)(y))
+    shortcut = avg_pool_2x2(x) if self.down else x
+    return nn.relu(add_padded(y, shortcut))
+
+
+def _norm(kind: str, train: bool, dtype) -> nn.Module:
+  if kind == "affine":
+    return Affine()
+  if kind == "batch":
+    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  raise ValueError(f"norm {kind!r}: choose 'affine' (dlib's) or 'batch'.")
+
+
+class FaceResNetTrunk(nn.Module):
+  """dlib's face ResNet up to the global average: (B, H, W, 3) -> (B, 256) features.
+
+  msa_stages: 1-based levels (1-5, from the input side) followed by agejax's
+  multi-scale attention, as in the ResNet trunks.
+  """
+  norm: str = "affine"
+  pixels: bool = False
+  msa_stages: Sequence[int] = ()
+  msa_rates: Sequence[int] = (1, 2, 5)
+  msa_reduction: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = dlib_input(x.astype(jnp.float32), self.pixels).astype(self.dtype)
+    x = Conv(32, 7, 2, padding=0, use_bias=True, dtype=self.dtype)(x)
+    x = nn.relu(_norm(self.norm, train, self.dtype)(x))
+    x = max_pool_3x3_s2(x, pad=0)
+    for level, (features, blocks, down) in enumerate(LEVELS, start=1):
+      for j in range(blocks):
+        x = FaceBlock(features, down=down and j == 0, norm=self.norm, dtype=self.dtype)(x, train)
+      if level in self.msa_stages:
+        x = MultiScaleAttention(self.msa_rates, self.msa_reduction, dtype=self.dtype)(x, train)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class FaceDescriptor(nn.Module):
+  """The whole dlib network: uint8 or [0, 255] (B, 150, 150, 3) chips -> (B, 128) descriptors."""
+
+  @nn.compact
+  def __call__(self, chips):
+    feats = FaceResNetTrunk(pixels=True, name="trunk")(chips.astype(jnp.float32))
+    return nn.Dense(DESCRIPTOR_SIZE, use_bias=False, name="fc")(feats)
