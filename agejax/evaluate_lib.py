@@ -57,13 +57,26 @@ def summarize(preds: dict[str, np.ndarray], grid, has_sigma: bool = False) -> di
     clean = preds["label_conflict"] == 0
     s["clean"] = _age_metrics(pred[clean], true[clean], preds["pred_probs"][clean] if "pred_probs" in preds else None,
                               grid)
-  for task in ("gender", "race"):
+  for task, names in (("gender", GENDER_NAMES), ("race", RACE_NAMES)):
+    if task in preds and np.any(preds[task] >= 0):
+      s[f"per_{task}"] = per_attribute(pred, true, preds[task], names)
     if f"pred_{task}_probs" in preds and np.any(preds[task] >= 0):
       s[f"{task}_accuracy"] = float(metrics.accuracy(np.argmax(preds[f"pred_{task}_probs"], -1), preds[task]))
   if "age_group" in preds and np.all(preds["age_group"] >= 0):
     exact, one_off = metrics.exact_and_one_off(metrics.age_to_adience_group(pred), preds["age_group"])
     s["adience_exact"], s["adience_one_off"] = float(exact), float(one_off)
   return s
+
+
+def per_attribute(pred, true, labels, names) -> dict[str, dict[str, float]]:
+  """Age MAE, bias and count per value of a labelled attribute (gender, race); -1 labels are left out."""
+  out = {}
+  for k, name in enumerate(names):
+    m = labels == k
+    if np.any(m):
+      out[name] = {"n": int(np.sum(m)), "mae": float(metrics.mae(pred[m], true[m])),
+                   "bias": float(np.mean(pred[m] - true[m]))}
+  return out
 
 
 def scalars(summary: dict[str, Any]) -> dict[str, float]:
@@ -191,6 +204,10 @@ def markdown_report(split: str, summary: dict[str, Any], figures: list[str], csv
     mae = "-" if g["mae"][i] is None or not np.isfinite(g["mae"][i]) else f"{g['mae'][i]:.2f}"
     bias = "-" if g["bias"][i] is None or not np.isfinite(g["bias"][i]) else f"{g['bias'][i]:+.2f}"
     lines.append(f"| {label} | {int(g['count'][i])} | {mae} | {bias} |")
+  for task in ("gender", "race"):
+    if f"per_{task}" in summary:
+      lines += ["", f"| {task} | n | MAE | bias |", "|---|---|---|---|"]
+      lines += [f"| {name} | {v['n']} | {v['mae']:.2f} | {v['bias']:+.2f} |" for name, v in summary[f"per_{task}"].items()]
   lines += ["", f"Per-image predictions: [{csv_name}]({csv_name})", ""]
   lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in figures]
   return "\n".join(lines) + "\n"

@@ -57,6 +57,9 @@ def validate(config: ml_collections.ConfigDict):
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {jax.device_count()} devices.")
   if config.image_size < 32:
     raise ValueError(f"config.image_size={config.image_size}: the VGG trunks need at least 32 pixels.")
+  if config.model.name == "face_resnet" and config.image_size < 103:
+    raise ValueError(f"config.image_size={config.image_size}: the face ResNet's unpadded strided layers need "
+                     "at least 103 pixels (it was trained at 150).")
   if config.model.age_bias_init not in ("zeros", "prior"):
     raise ValueError(f"config.model.age_bias_init: {config.model.age_bias_init!r} is not zeros or prior.")
   if config.model.age_bias_init == "prior" and config.loss.name not in objectives.PRIOR_BIAS_LOSSES:
@@ -78,7 +81,7 @@ def make_model(config) -> nn.Module:
       config.model.name, age_head=obj.age_head, num_labels=int(make_grid(config).shape[0]),
       age_center=(grid.start + grid.stop) / 2, gender=config.model.gender, race=config.model.race,
       dtype=config.model.dtype, msa_stages=tuple(config.model.msa_stages), msa_rates=tuple(config.model.msa_rates),
-      msa_reduction=config.model.msa_reduction)
+      msa_reduction=config.model.msa_reduction, norm=config.model.norm)
 
 
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -101,6 +104,9 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
     opt = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(lr, momentum=0.9))
   else:
     raise ValueError(f"config.optimizer.name: {o.name!r} is not adam or sgd.")
+  if o.trunk_lr_factor != 1.0:  # Adam's and SGD's updates are linear in the rate: scaling them is exact
+    trunk_only = lambda params: {k: jax.tree_util.tree_map(lambda _: k == "trunk", v) for k, v in params.items()}
+    opt = optax.chain(opt, optax.masked(optax.scale(o.trunk_lr_factor), trunk_only))
   if o.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
   return opt, lr
@@ -110,21 +116,42 @@ def make_mesh():
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def create_train_state(config, model, tx, rng, mesh, age_bias=None) -> TrainState:
-  """The initial state, replicated. `age_bias`: K-1 values replacing the ordinal heads' initial biases."""
+def pretrained_trunk(config):
+  """The trunk params `config.model.pretrained` names, or None (random initialisation)."""
+  source = config.model.pretrained
+  if not source:
+    return None
+  if config.model.name != "face_resnet" or (config.model.norm or "affine") != "affine":
+    raise ValueError(f"config.model.pretrained={source!r} loads dlib's face ResNet, whose layers are affine: "
+                     "it needs model.name=face_resnet and model.norm=affine.")
+  from agejax import pretrained
+  return pretrained.trunk_variables(None if source == "dlib" else source)
+
+
+def create_train_state(config, model, tx, rng, mesh, age_bias=None, trunk=None) -> TrainState:
+  """The initial state, replicated. `age_bias`: K-1 values replacing the ordinal heads' initial biases;
+  `trunk`: pretrained params replacing the trunk's (MSA modules and heads keep their initialisation)."""
   replicated = NamedSharding(mesh, P())
   x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
 
-  def init(rng, age_bias):
+  def init(rng, age_bias, trunk):
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init({"params": init_rng, "dropout": init_rng}, x, train=False)
     params = variables["params"]
+    if trunk is not None:
+      params = {**params, "trunk": {**params["trunk"], **trunk}}
     if age_bias is not None:
       params = with_age_bias(params, model.heads.age_head, age_bias)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=state_rng)
 
-  return jax.jit(init, out_shardings=replicated)(rng, age_bias)
+  if trunk is not None:
+    shapes = jax.eval_shape(lambda: model.init({"params": rng, "dropout": rng}, x, train=False))["params"]["trunk"]
+    for name, leaves in trunk.items():
+      want = jax.tree_util.tree_map(lambda a: a.shape, shapes.get(name))
+      if want != jax.tree_util.tree_map(np.shape, leaves):
+        raise ValueError(f"The pretrained trunk's {name} does not fit the model's ({want}).")
+  return jax.jit(init, out_shardings=replicated)(rng, age_bias, trunk)
 
 
 def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
@@ -220,8 +247,9 @@ class Trainer:
     if fresh and self.config.model.age_bias_init == "prior":
       ages = pipeline.label_array(self.train_source, "age")
       age_bias = ldl.ranking_prior_logits(ages, self.grid)
+    trunk = pretrained_trunk(self.config) if fresh else None
     return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh,
-                              age_bias)
+                              age_bias, trunk)
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}

@@ -4,6 +4,10 @@ Dataset configs import `get_config` from here and change a few fields; the
 string after ":" on the command line is a comma-separated list of variants:
   model:    thin | tiny | vgg16 | resnet18 | resnet34 | mtmsa (age+gender+race, MSA)
             | multitask (gender and race heads on the chosen trunk)
+            | face_resnet (dlib's face-pretrained ResNet, fine-tuned: 150 px, the trunk at
+              a tenth of the heads' learning rate, warm-up, cosine decay, flips + shifts)
+            | scratch (the same network and schedule from random initialisation, with
+              batch norm in place of the affine layers and one learning rate)
   loss:     any name in agejax.objectives (dldl_v2, dldl, dex, mean_variance, sord,
             ranking_bce, coral, corn, l1, l2, gaussian_nll)
   schedule: smoke (seconds; tests) | cpu (TinyAgeNet at 64 px, useful within an
@@ -19,7 +23,7 @@ e.g. `--config configs/chalearn16.py:tiny,cpu`.
 
 import ml_collections
 
-MODELS = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa")
+MODELS = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa", "face_resnet")
 SCHEDULES = ("smoke", "cpu")
 LOSSES = ("dldl_v2", "dldl", "dex", "mean_variance", "sord", "ranking_bce", "coral", "corn", "l1", "l2",
           "gaussian_nll")
@@ -33,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_grid = ml_collections.ConfigDict(dict(start=0.0, stop=100.0, step=1.0))
   c.model = ml_collections.ConfigDict(dict(
       name="thin", dtype="float32", gender=False, race=False,
-      msa_stages=(), msa_rates=(1, 2, 5), msa_reduction=4,
+      msa_stages=(), msa_rates=(1, 2, 5), msa_reduction=4, norm="",
+      pretrained="",           # "dlib" (or a .dat path): start the face_resnet trunk from dlib's face ResNet
       age_bias_init="zeros"))  # "prior": coral / ranking_bce biases = logit P(y > l_k) of the training ages
   c.loss = ml_collections.ConfigDict(dict(
       name="dldl_v2", lam=1.0, sigma=2.0, min_sigma=0.0, kl_reduction="sum",
@@ -48,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-3, eps=1e-7, weight_decay=0.0, decay_epochs=(30,), decay_factor=0.1,
       schedule="step", final_fraction=0.0,  # schedule "cosine": decay to final_fraction x lr instead of steps
-      warmup_steps=0, grad_clip=0.0))
+      warmup_steps=0, grad_clip=0.0,
+      trunk_lr_factor=1.0))  # the trunk's learning rate is this times the heads' (fine-tuning: < 1)
   c.seed = 0
   c.workers = 0                      # grain worker processes (0: threads in the main process)
   c.log_every_steps = 50
@@ -72,7 +78,20 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
   # model variant then replaces), two_stage last (it reads the schedule's num_epochs).
   tokens.sort(key=lambda t: 0 if t in SCHEDULES else 2 if t == "two_stage" else 1)
   for token in tokens:
-    if token in MODELS:
+    if token in ("face_resnet", "scratch"):
+      c.model.name = "face_resnet"
+      c.model.pretrained = "dlib" if token == "face_resnet" else ""
+      c.image_size = 150              # the pretrained network's input
+      c.batch_size = 32
+      c.num_epochs = 8                # 592 steps an epoch on UTKFace, ~5 min each on 2 cores
+      c.optimizer.update(schedule="cosine", learning_rate=1e-3, warmup_steps=300, weight_decay=1e-4,
+                         trunk_lr_factor=0.1 if token == "face_resnet" else 1.0)
+      c.model.norm = "affine" if token == "face_resnet" else "batch"  # random init needs batch norm
+      c.eval_every_epochs = 2.0
+      c.checkpoint_every_steps = 600
+      _flips_only(c)
+      c.augment.translate = 1 / 16
+    elif token in MODELS:
       c.model.name = token
       if token == "mtmsa":
         c.model.gender = c.model.race = True
