@@ -19,8 +19,13 @@ import numpy as np
 FORMAT_VERSION = 1
 
 
-def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None) -> str:
-  """Write the artifact for a train state of `trainer` (a train_lib.Trainer) into out_dir."""
+def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None,
+                 weights_dtype: str = "float32") -> str:
+  """Write the artifact for a train state of `trainer` (a train_lib.Trainer) into out_dir.
+
+  weights_dtype="bfloat16" stores the weights rounded to bfloat16 (half the file; the network
+  still computes in float32 on them).
+  """
   import jax
   import jax.numpy as jnp
   from jax import export as jax_export
@@ -30,10 +35,14 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
 
   config = trainer.config
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  if weights_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"weights_dtype {weights_dtype!r}: float32 or bfloat16.")
+  stored = jax.tree_util.tree_map(lambda a: np.asarray(a, jnp.dtype(weights_dtype)), variables)
   model, objective, grid = trainer.model, trainer.objective, trainer.grid
   size = config.image_size
 
   def predict(images):
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), stored)
     x = augment.normalize(images)
     outs = [objectives.predict(objective, model.apply(variables, v, train=False), grid)
             for v in (x, augment.flip(x))]
@@ -58,7 +67,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
       "model": config.model.name, "loss": config.loss.name, "dataset": config.dataset.name,
       "gender": bool(config.model.gender), "race": bool(config.model.race),
       "race_names": ["White", "Black", "Asian", "Indian", "Other"], "gender_names": ["male", "female"],
-      "chip": {"size": 200, "padding": CHIP_PADDING}, **(provenance or {})}
+      "chip": {"size": 200, "padding": CHIP_PADDING}, "weights_dtype": weights_dtype, **(provenance or {})}
   with open(os.path.join(out_dir, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return out_dir
@@ -107,6 +116,7 @@ def main(argv=None):
   flags.DEFINE_string("workdir", None, "The training run.")
   flags.DEFINE_string("checkpoint", "best", "best | last | a step number.")
   flags.DEFINE_string("out", None, "Output folder (default WORKDIR/export).")
+  flags.DEFINE_enum("weights", "float32", ["float32", "bfloat16"], "Stored weight precision (bfloat16: half the size).")
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):
@@ -116,7 +126,7 @@ def main(argv=None):
     trainer = train_lib.Trainer(F.config, F.workdir, with_data=False)  # the dataset may not be here
     state = evaluate_lib.load_checkpoint(trainer, F.workdir, F.checkpoint)
     out = export_state(trainer, state, F.out or os.path.join(F.workdir, "export"),
-                       {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))})
+                       {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))}, weights_dtype=F.weights)
     print(json.dumps({"exported": out}))
 
   app.run(run, argv)

@@ -15,7 +15,8 @@ Any difference from that chain (a layer type, a size, a stride) raises
 `DlibFormatError` naming the layer and what was found.
 
 `trunk_variables` turns the weights into the variables of `models.create("face_resnet")`
-for fine-tuning (the age heads start fresh).
+for fine-tuning (the age heads start fresh); `batch_norm_trunk` turns them into those of
+the batch-norm variant (`norm="batch"`), initialised to compute what the affine layers do.
 """
 
 from __future__ import annotations
@@ -312,3 +313,40 @@ def trunk_variables(path: str | None = None) -> dict[str, Any]:
   weights = read_dlib_weights(path or default_path())
   weights.pop("fc")
   return _nest(weights)
+
+
+def batch_norm_trunk(trunk: dict[str, Any], images, epsilon: float = 1e-5) -> dict[str, Any]:
+  """{"params", "batch_stats"} of a `FaceResNetTrunk(norm="batch")` that computes, on `images`
+  (agejax-normalised, (N, H, W, 3)), what the affine trunk `trunk` computes.
+
+  Each affine layer y = g z + b follows a convolution z. With mean m and variance v of z
+  over `images`, batch norm with scale g sqrt(v + eps), bias g m + b and running
+  statistics (m, v) gives g z + b exactly at those statistics, in training and in
+  inference. The convolutions keep their weights; Affine_k becomes BatchNorm_k.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax.traverse_util import flatten_dict, unflatten_dict
+
+  from agejax.models.conv import Conv
+
+  module = face_resnet.FaceResNetTrunk(norm="affine")
+  _, state = jax.jit(lambda p, x: module.apply({"params": p}, x, capture_intermediates=lambda m, _: isinstance(m, Conv),
+                                               mutable=["intermediates"]))(trunk, jnp.asarray(images, jnp.float32))
+  outputs = flatten_dict(state["intermediates"])
+  params, stats = {}, {}
+  for key, value in flatten_dict(trunk).items():
+    *scope, layer, leaf = key
+    if not layer.startswith("Affine_"):
+      params[key] = value
+      continue
+    bn = tuple(scope) + ("BatchNorm_" + layer.split("_")[1],)
+    if leaf == "scale":
+      z = outputs[tuple(scope) + ("Conv_" + layer.split("_")[1], "__call__")][0]
+      m = np.asarray(jnp.mean(z, axis=(0, 1, 2)), np.float32)
+      v = np.asarray(jnp.var(z, axis=(0, 1, 2)), np.float32)
+      g, b = np.asarray(value), np.asarray(flatten_dict(trunk)[tuple(scope) + (layer, "bias")])
+      params[bn + ("scale",)] = g * np.sqrt(v + epsilon)
+      params[bn + ("bias",)] = g * m + b
+      stats[bn + ("mean",)], stats[bn + ("var",)] = m, v
+  return {"params": unflatten_dict(params), "batch_stats": unflatten_dict(stats)}

@@ -116,21 +116,37 @@ def make_mesh():
   return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def pretrained_trunk(config):
-  """The trunk params `config.model.pretrained` names, or None (random initialisation)."""
+CALIBRATION_IMAGES = 256  # training images whose statistics initialise batch norm from affine layers
+
+
+def pretrained_trunk(config, train_source=None):
+  """{"params", "batch_stats"} of the trunk `config.model.pretrained` names, or None (random init).
+
+  With model.norm="batch" the affine layers become batch norm computing the same function
+  on the first CALIBRATION_IMAGES training images (`pretrained.batch_norm_trunk`).
+  """
   source = config.model.pretrained
   if not source:
     return None
-  if config.model.name != "face_resnet" or (config.model.norm or "affine") != "affine":
-    raise ValueError(f"config.model.pretrained={source!r} loads dlib's face ResNet, whose layers are affine: "
-                     "it needs model.name=face_resnet and model.norm=affine.")
+  norm = config.model.norm or "affine"
+  if config.model.name != "face_resnet" or norm not in ("affine", "batch"):
+    raise ValueError(f"config.model.pretrained={source!r} loads dlib's face ResNet: it needs "
+                     "model.name=face_resnet and model.norm=affine or batch.")
   from agejax import pretrained
-  return pretrained.trunk_variables(None if source == "dlib" else source)
+  trunk = pretrained.trunk_variables(None if source == "dlib" else source)
+  if norm == "affine":
+    return {"params": trunk, "batch_stats": {}}
+  if train_source is None:
+    raise ValueError("Initialising batch norm from the pretrained affine layers needs the training images.")
+  n = min(CALIBRATION_IMAGES, len(train_source))
+  images = np.stack([pipeline.decode_face(train_source[i]["image"], config.image_size) for i in range(n)])
+  return pretrained.batch_norm_trunk(trunk, augment.normalize(images))
 
 
 def create_train_state(config, model, tx, rng, mesh, age_bias=None, trunk=None) -> TrainState:
   """The initial state, replicated. `age_bias`: K-1 values replacing the ordinal heads' initial biases;
-  `trunk`: pretrained params replacing the trunk's (MSA modules and heads keep their initialisation)."""
+  `trunk`: pretrained {"params", "batch_stats"} replacing the trunk's (MSA modules and heads keep
+  their initialisation)."""
   replicated = NamedSharding(mesh, P())
   x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
 
@@ -138,19 +154,23 @@ def create_train_state(config, model, tx, rng, mesh, age_bias=None, trunk=None) 
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init({"params": init_rng, "dropout": init_rng}, x, train=False)
     params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
     if trunk is not None:
-      params = {**params, "trunk": {**params["trunk"], **trunk}}
+      params = {**params, "trunk": {**params["trunk"], **trunk["params"]}}
+      if trunk["batch_stats"]:
+        batch_stats = {**batch_stats, "trunk": {**batch_stats["trunk"], **trunk["batch_stats"]}}
     if age_bias is not None:
       params = with_age_bias(params, model.heads.age_head, age_bias)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), rng=state_rng)
 
   if trunk is not None:
-    shapes = jax.eval_shape(lambda: model.init({"params": rng, "dropout": rng}, x, train=False))["params"]["trunk"]
-    for name, leaves in trunk.items():
-      want = jax.tree_util.tree_map(lambda a: a.shape, shapes.get(name))
-      if want != jax.tree_util.tree_map(np.shape, leaves):
-        raise ValueError(f"The pretrained trunk's {name} does not fit the model's ({want}).")
+    shapes = jax.eval_shape(lambda: model.init({"params": rng, "dropout": rng}, x, train=False))
+    for collection, tree in trunk.items():
+      for name, leaves in tree.items():
+        want = jax.tree_util.tree_map(lambda a: a.shape, shapes[collection]["trunk"].get(name))
+        if want != jax.tree_util.tree_map(np.shape, leaves):
+          raise ValueError(f"The pretrained trunk's {collection} {name} does not fit the model's ({want}).")
   return jax.jit(init, out_shardings=replicated)(rng, age_bias, trunk)
 
 
@@ -247,7 +267,7 @@ class Trainer:
     if fresh and self.config.model.age_bias_init == "prior":
       ages = pipeline.label_array(self.train_source, "age")
       age_bias = ldl.ranking_prior_logits(ages, self.grid)
-    trunk = pretrained_trunk(self.config) if fresh else None
+    trunk = pretrained_trunk(self.config, self.train_source) if fresh else None
     return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh,
                               age_bias, trunk)
 

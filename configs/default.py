@@ -5,7 +5,10 @@ string after ":" on the command line is a comma-separated list of variants:
   model:    thin | tiny | vgg16 | resnet18 | resnet34 | mtmsa (age+gender+race, MSA)
             | multitask (gender and race heads on the chosen trunk)
             | face_resnet (dlib's face-pretrained ResNet, fine-tuned: 150 px, the trunk at
-              a tenth of the heads' learning rate, warm-up, cosine decay, flips + shifts)
+              a tenth of the heads' learning rate, warm-up, cosine decay, flips + shifts;
+              its affine layers train as affine layers)
+            | face_resnet_bn (the same with the affine layers turned into batch norm
+              initialised to compute what they computed)
             | scratch (the same network and schedule from random initialisation, with
               batch norm in place of the affine layers and one learning rate)
   loss:     any name in agejax.objectives (dldl_v2, dldl, dex, mean_variance, sord,
@@ -78,14 +81,14 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
   # model variant then replaces), two_stage last (it reads the schedule's num_epochs).
   tokens.sort(key=lambda t: 0 if t in SCHEDULES else 2 if t == "two_stage" else 1)
   for token in tokens:
-    if token in ("face_resnet", "scratch"):
+    if token in ("face_resnet", "face_resnet_bn", "scratch"):
       c.model.name = "face_resnet"
-      c.model.pretrained = "dlib" if token == "face_resnet" else ""
+      c.model.pretrained = "" if token == "scratch" else "dlib"
       c.image_size = 150              # the pretrained network's input
       c.batch_size = 32
       c.num_epochs = 8                # 592 steps an epoch on UTKFace, ~5 min each on 2 cores
       c.optimizer.update(schedule="cosine", learning_rate=1e-3, warmup_steps=300, weight_decay=1e-4,
-                         trunk_lr_factor=0.1 if token == "face_resnet" else 1.0)
+                         trunk_lr_factor=1.0 if token == "scratch" else 0.1)
       c.model.norm = "affine" if token == "face_resnet" else "batch"  # random init needs batch norm
       c.eval_every_epochs = 2.0
       c.checkpoint_every_steps = 600

@@ -41,9 +41,12 @@ def test_face_resnet_variant_is_the_fine_tuning_recipe():
   c.image_size = 96
   with pytest.raises(ValueError, match="at least 103 pixels"):
     train_lib.validate(c)
+  s.model.norm = "group"
   s.model.pretrained = "dlib"
-  with pytest.raises(ValueError, match="model.norm=affine"):
+  with pytest.raises(ValueError, match="model.norm=affine or batch"):
     train_lib.pretrained_trunk(s)
+  b = default.get_config("face_resnet_bn")
+  assert (b.model.pretrained, b.model.norm, b.optimizer.trunk_lr_factor) == ("dlib", "batch", 0.1)
 
 
 def test_trunk_learning_rate_is_a_fraction_of_the_heads():
@@ -117,6 +120,12 @@ def test_resume_evaluate_and_export_a_fine_tuned_model(tmp_path, data_dir):
   out = export.load(path).predict(imgs)
   np.testing.assert_allclose(out["age"], preds["pred_age"], rtol=1e-4, atol=1e-3)
   assert json.load(open(os.path.join(path, "model.json")))["model"] == "face_resnet"
+  # bfloat16 weights: about half the file, ages within a fraction of a year.
+  half = export.export_state(trainer, state, str(tmp_path / "export_bf16"), weights_dtype="bfloat16")
+  size = lambda p: os.path.getsize(os.path.join(p, "model.jaxexport"))
+  assert size(half) < 0.6 * size(path)
+  out16 = export.load(half).predict(imgs)
+  assert np.abs(out16["age"] - out["age"]).max() < 0.5 and export.load(half).meta["weights_dtype"] == "bfloat16"
 
 
 @pytest.mark.slow
@@ -137,3 +146,24 @@ def test_two_devices_match_one_device(tmp_path, data_dir):
   assert finals[0]["step"] == finals[1]["step"] == 3
   np.testing.assert_allclose(finals[0]["loss"], finals[1]["loss"], rtol=2e-3)
   np.testing.assert_allclose(finals[0]["param_norm"], finals[1]["param_norm"], rtol=1e-5)
+
+
+def test_batch_norm_trunk_computes_what_the_affine_trunk_computes(data_dir):
+  from agejax import models, pretrained
+  from agejax.data import augment
+  from agejax.models.face_resnet import FaceResNetTrunk
+  rng = np.random.RandomState(0)
+  images = augment.normalize(rng.randint(0, 256, (16, 112, 112, 3)).astype(np.uint8))
+  trunk = pretrained.trunk_variables()
+  bn = pretrained.batch_norm_trunk(trunk, images)
+  affine_out = FaceResNetTrunk(norm="affine").apply({"params": trunk}, images)
+  bn_module = FaceResNetTrunk(norm="batch")
+  inference = bn_module.apply(bn, images, train=False)
+  training, _ = bn_module.apply(bn, images, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(inference, affine_out, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(training, affine_out, rtol=1e-3, atol=1e-3)
+  # The Trainer uses it for the face_resnet_bn variant.
+  c = smoke_config(data_dir, "face_resnet_bn", "dldl_v2")
+  state = train_lib.Trainer(c).init_state()
+  assert "BatchNorm_0" in state.params["trunk"]["FaceBlock_3"] and "Affine_0" not in state.params["trunk"]
+  assert float(np.asarray(state.batch_stats["trunk"]["BatchNorm_0"]["var"]).mean()) != 1.0

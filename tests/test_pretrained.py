@@ -105,3 +105,12 @@ def test_trunk_variables_fit_the_registry_model():
   trunk = pretrained.trunk_variables()
   shapes = lambda t: __import__("jax").tree_util.tree_map(np.shape, t)
   assert shapes(trunk) == shapes(variables["params"]["trunk"])
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED), reason="real UTKFace not present")
+def test_dlib_framing_is_utkfaces_whole_chip_zoomed_out():
+  from agejax import faces
+  f = faces.chip_framing(SHARED, count=12)
+  left, top, right, bottom = f["box"]
+  assert f["n"] == 12 and abs((left + right) / 2 - 100) < 5 and abs((top + bottom) / 2 - 100) < 5
+  assert 205 < f["side"] < 225 and f["mean_abs_angle_deg"] < 5
