@@ -7,7 +7,12 @@
 
 Per face: box, predicted age, the distribution's std and 90% interval, and
 gender / race with probabilities for multi-task models. Unreadable files are
-reported and skipped.
+reported and skipped; in --csv mode every file gets a row with its status
+(ok, no face, error). Annotated copies never replace an input or an existing
+file (unless --overwrite).
+
+Exit status: 0 every file answered, 1 some files failed, 2 nothing to do
+(no images found, or the model could not be loaded).
 """
 
 import csv
@@ -23,7 +28,12 @@ flags.DEFINE_string("model", None, "An exported model folder (default: the bundl
 flags.DEFINE_bool("aligned", False, "Inputs are already face chips: skip detection.")
 flags.DEFINE_bool("json", False, "Print one JSON line per file.")
 flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
-flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder.")
+flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
+                    "images keep their relative paths).")
+flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
+
+CSV_HEADER = ["file", "status", "face", "left", "top", "right", "bottom", "age", "std", "low90", "high90",
+              "gender", "gender_prob", "race", "race_prob", "message"]
 
 
 def main(argv):
@@ -38,38 +48,48 @@ def main(argv):
   model_dir = FLAGS.model or (os.path.join(FLAGS.workdir, "export") if FLAGS.workdir else predict_lib.DEFAULT_MODEL)
   try:
     model = export.load(model_dir)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, export.ExportError) as e:
     hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
-            if FLAGS.workdir else "")
+            if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
     print(f"error: {e}{hint}", file=sys.stderr)
-    return 1
+    return 2
   files = predict_lib.expand_paths(paths)
+  if not files:
+    print(f"error: no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in {', '.join(paths)}.", file=sys.stderr)
+    return 2
+  targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
   try:
     records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned)
     writer = None
     if FLAGS.csv:
       writer = csv.writer(sys.stdout)
-      writer.writerow(["file", "face", "left", "top", "right", "bottom", "age", "std", "low90", "high90",
-                       "gender", "gender_prob", "race", "race_prob"])
+      writer.writerow(CSV_HEADER)
     errors = 0
     for rec in tqdm(records, total=len(files), unit="file", disable=len(files) < 5, file=sys.stderr):
       rgb = rec.pop("_rgb", None)
+      if "error" not in rec and FLAGS.annotate:
+        try:
+          predict_lib.annotate(rgb, rec["faces"], targets[rec["file"]], overwrite=FLAGS.overwrite)
+        except (FileExistsError, OSError) as e:
+          rec["error"] = str(e)
       if "error" in rec:
         errors += 1
         print(f"error: {rec['error']}", file=sys.stderr)
         if FLAGS.json:
           print(json.dumps(rec))
+        elif writer:
+          writer.writerow([rec["file"], "error"] + [""] * (len(CSV_HEADER) - 3) + [rec["error"]])
         continue
-      if FLAGS.annotate and rgb is not None:
-        predict_lib.annotate(rgb, rec["faces"], os.path.join(FLAGS.annotate, os.path.basename(rec["file"])))
       if FLAGS.json:
         print(json.dumps(rec))
       elif writer:
+        if not rec["faces"]:
+          writer.writerow([rec["file"], "no face"] + [""] * (len(CSV_HEADER) - 2))
         for i, f in enumerate(rec["faces"]):
           g, r = f.get("gender", {}), f.get("race", {})
-          writer.writerow([rec["file"], i, *f["box"], f"{f['age']:.2f}", f"{f['std']:.2f}", *f["interval90"],
+          writer.writerow([rec["file"], "ok", i, *f["box"], f"{f['age']:.2f}", f"{f['std']:.2f}", *f["interval90"],
                            g.get("label", ""), f"{g['prob']:.3f}" if g else "", r.get("label", ""),
-                           f"{r['prob']:.3f}" if r else ""])
+                           f"{r['prob']:.3f}" if r else "", ""])
       else:
         if not rec["faces"]:
           print(f"{rec['file']}: no face found")
@@ -79,8 +99,10 @@ def main(argv):
                 f"(90%: {f['interval90'][0]:g}-{f['interval90'][1]:g}){extra}")
   except ImportError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0 if errors < len(files) else 1
+    return 2
+  if errors:
+    print(f"{errors} of {len(files)} files failed.", file=sys.stderr)
+  return 1 if errors else 0
 
 
 if __name__ == "__main__":

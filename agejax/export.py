@@ -80,8 +80,19 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
 CHIP_PADDING = 0.19
 
 
+class ExportError(ValueError):
+  """An export folder whose files are damaged or do not belong together; the message names the file."""
+
+
+REQUIRED_KEYS = ("format_version", "image_size", "label_grid", "outputs")
+
+
 class ExportedModel:
-  """A loaded artifact: `predict(uint8 images) -> dict of numpy arrays`."""
+  """A loaded artifact: `predict(uint8 images) -> dict of numpy arrays`.
+
+  Validated on loading: model.json's keys and format version, a readable model.jaxexport,
+  its input shape against image_size and its distribution's width against the label grid.
+  """
 
   def __init__(self, path: str):
     from jax import export as jax_export
@@ -89,12 +100,34 @@ class ExportedModel:
     blob_path = os.path.join(path, "model.jaxexport")
     if not (os.path.exists(meta_path) and os.path.exists(blob_path)):
       raise FileNotFoundError(f"{path}: not an exported agejax model (needs model.json and model.jaxexport).")
-    with open(meta_path) as f:
-      self.meta = json.load(f)
-    with open(blob_path, "rb") as f:
-      self._exported = jax_export.deserialize(bytearray(f.read()))
+    try:
+      with open(meta_path) as f:
+        self.meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ExportError(f"{meta_path}: not valid JSON ({e}).") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(self.meta, dict) or k not in self.meta]
+    if missing:
+      raise ExportError(f"{meta_path}: missing {', '.join(missing)}; not an agejax model description.")
+    if self.meta["format_version"] != FORMAT_VERSION:
+      raise ExportError(f"{meta_path}: format version {self.meta['format_version']!r}; this agejax reads "
+                        f"version {FORMAT_VERSION} (re-export the model with this version).")
+    try:
+      with open(blob_path, "rb") as f:
+        self._exported = jax_export.deserialize(bytearray(f.read()))
+    except Exception as e:  # flatbuffers raises assorted errors on truncated or foreign bytes
+      raise ExportError(f"{blob_path}: not a readable jax.export artifact (damaged or truncated?): "
+                        f"{type(e).__name__}: {e}") from None
     self.image_size = int(self.meta["image_size"])
     self.grid = np.asarray(self.meta["label_grid"], np.float32)
+    shapes = self._exported.out_tree.unflatten([a.shape for a in self._exported.out_avals])
+    in_shape = self._exported.in_avals[0].shape
+    if tuple(in_shape[1:]) != (self.image_size, self.image_size, 3):
+      raise ExportError(f"{blob_path}: takes images of shape {tuple(in_shape[1:])}, but {meta_path} says "
+                        f"image_size {self.image_size}.")
+    if not isinstance(shapes, dict) or "probs" not in shapes or shapes["probs"][-1] != len(self.grid):
+      width = shapes.get("probs", ("none",))[-1] if isinstance(shapes, dict) else "no"
+      raise ExportError(f"{blob_path}: the network gives {width} age probabilities, but {meta_path}'s label "
+                        f"grid has {len(self.grid)} ages.")
 
   def predict(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
     images = np.asarray(images, np.uint8)

@@ -2,8 +2,8 @@
 
 UTKFace's chips come from dlib: face detection, 5 landmarks, `get_face_chip` at
 200x200. `FaceAligner` follows that route (needs `pip install agejax[faces]`).
-`read_photo` handles EXIF rotation, grayscale / RGBA / palette / CMYK inputs and
-refuses decompression bombs.
+`read_photo` handles EXIF rotation, grayscale (8 to 32 bits) / RGBA / palette / CMYK
+inputs and refuses decompression bombs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from agejax.data.images import to_rgb8
 
 # Refuse images above this many pixels (PIL raises DecompressionBombError at twice
 # its limit and only warns below; we make the limit a hard error).
@@ -29,13 +31,7 @@ def read_photo(path: str) -> np.ndarray:
       if img.width * img.height > MAX_PIXELS:
         raise PhotoError(f"{path}: {img.width}x{img.height} pixels is over the {MAX_PIXELS:,} limit "
                          "(a decompression bomb or a huge scan); resize it first.")
-      img = ImageOps.exif_transpose(img)
-      if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.split()[-1])
-        img = background
-      return np.asarray(img.convert("RGB"))
+      return to_rgb8(ImageOps.exif_transpose(img))
   except PhotoError:
     raise
   except Image.DecompressionBombError as e:

@@ -31,6 +31,40 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
   return out
 
 
+def annotation_paths(inputs: Iterable[str], out_dir: str) -> dict[str, str]:
+  """Where the annotated copy of each input image goes under out_dir.
+
+  A folder's images keep their path relative to the folder, a named file its name. Never an
+  input file (an input in the way gets `_annotated` before its extension) and never one
+  path for two inputs (later ones get `_2`, `_3`, ...).
+  """
+  pairs = []
+  for arg in inputs:
+    if os.path.isdir(arg):
+      pairs += [(f, os.path.relpath(f, arg)) for f in expand_paths([arg])]
+    else:
+      pairs.append((arg, os.path.basename(arg)))
+  originals = {os.path.realpath(f) for f, _ in pairs}
+  taken: set[str] = set()
+  out = {}
+  for f, rel in pairs:
+    if f in out:
+      continue
+    stem, ext = os.path.splitext(os.path.join(out_dir, rel))
+    if os.path.realpath(stem + ext) in originals:
+      stem += "_annotated"
+    target, n = stem + ext, 1
+    while os.path.realpath(target) in originals or os.path.realpath(target) in taken:
+      n += 1
+      target = f"{stem}_{n}{ext}"
+    taken.add(os.path.realpath(target))
+    out[f] = target
+  return out
+
+
+MIN_FACE_PIXELS = 32  # an aligned chip smaller than this on a side holds no usable face
+
+
 def _resize(chip: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(chip).resize((size, size), Image.BILINEAR))
 
@@ -73,6 +107,10 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
     except faces_lib.PhotoError as e:
       yield {"file": path, "error": str(e)}
       continue
+    if aligned and min(rgb.shape[:2]) < MIN_FACE_PIXELS:
+      yield {"file": path, "error": f"{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small for a face chip "
+                                    f"(at least {MIN_FACE_PIXELS} on each side)."}
+      continue
     found = [faces_lib.whole_image_face(rgb)] if aligned else aligner(rgb)
     preds = predict_faces(model, [f.chip for f in found])
     yield {"file": path, "width": rgb.shape[1], "height": rgb.shape[0],
@@ -80,8 +118,11 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
            "_rgb": rgb}
 
 
-def annotate(rgb: np.ndarray, faces: list[dict], out_path: str):
-  """Write the photo with a box and 'age +- std' over each face."""
+def annotate(rgb: np.ndarray, faces: list[dict], out_path: str, overwrite: bool = False):
+  """Write the photo with a box and 'age +- std' over each face; FileExistsError where out_path
+  exists and overwrite is False."""
+  if os.path.exists(out_path) and not overwrite:
+    raise FileExistsError(f"{out_path} exists; not overwritten (pass --overwrite to replace it).")
   img = Image.fromarray(rgb)
   draw = ImageDraw.Draw(img)
   width = max(2, img.width // 300)

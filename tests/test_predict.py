@@ -95,11 +95,127 @@ def test_predict_cli_json_and_annotate(exported, tmp_path):
   p = subprocess.run([sys.executable, "predict.py", "--model", path, "--aligned", "--json", "--annotate",
                       str(tmp_path / "ann"), str(tmp_path / "x.jpg"), str(tmp_path / "bad.jpg")],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert p.returncode == 0, p.stderr
+  assert p.returncode == 1, p.stderr  # some files failed
   lines = [json.loads(l) for l in p.stdout.splitlines()]
   assert len(lines[0]["faces"]) == 1 and "error" in lines[1]
-  assert "bad.jpg: not a readable image" in p.stderr
+  assert "bad.jpg: not a readable image" in p.stderr and "1 of 2 files failed" in p.stderr
   assert Image.open(tmp_path / "ann" / "x.jpg").size == (64, 64)
+
+
+def _predict(*args):
+  return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_annotate_never_writes_over_inputs_or_existing_files(exported, tmp_path):
+  _, _, path = exported
+  photos = tmp_path / "photos"
+  fakes.write_image(str(photos / "a.jpg"), 1, size=64)
+  fakes.write_image(str(photos / "sub" / "a.jpg"), 2, size=64)
+  fakes.write_image(str(tmp_path / "other" / "a.jpg"), 3, size=64)
+  before = {p: p.read_bytes() for p in tmp_path.rglob("*.jpg")}
+  # Into the input folder itself: inputs untouched, relative paths kept, names suffixed.
+  p = _predict("--model", path, "--aligned", "--annotate", photos, photos)
+  assert p.returncode == 0, p.stderr
+  assert all(f.read_bytes() == b for f, b in before.items())
+  assert (photos / "a_annotated.jpg").exists() and (photos / "sub" / "a_annotated.jpg").exists()
+  # Two inputs with one name: both kept. A second run refuses to overwrite, unless asked.
+  out = tmp_path / "out"
+  assert _predict("--model", path, "--aligned", "--annotate", out, photos / "a.jpg", tmp_path / "other" / "a.jpg"
+                  ).returncode == 0
+  assert sorted(f.name for f in out.iterdir()) == ["a.jpg", "a_2.jpg"]
+  stamp = (out / "a.jpg").read_bytes()
+  (out / "a.jpg").write_bytes(b"mine")
+  p = _predict("--model", path, "--aligned", "--annotate", out, photos / "a.jpg")
+  assert p.returncode == 1 and "exists; not overwritten" in p.stderr and (out / "a.jpg").read_bytes() == b"mine"
+  assert _predict("--model", path, "--aligned", "--overwrite", "--annotate", out, photos / "a.jpg").returncode == 0
+  assert (out / "a.jpg").read_bytes() == stamp
+  assert all(f.read_bytes() == b for f, b in before.items())
+
+
+def test_predict_statuses_and_exit_codes(exported, tmp_path):
+  _, _, path = exported
+  (tmp_path / "empty").mkdir()
+  p = _predict("--model", path, tmp_path / "empty")
+  assert p.returncode == 2 and "no images" in p.stderr
+  fakes.write_image(str(tmp_path / "in" / "ok.jpg"), 1, size=64)
+  _save(tmp_path / "in" / "tiny.png", Image.new("RGB", (20, 20), (120, 90, 80)))
+  (tmp_path / "in" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+  p = _predict("--model", path, "--aligned", "--csv", tmp_path / "in")
+  assert p.returncode == 1
+  rows = list(__import__("csv").DictReader(p.stdout.splitlines()))
+  status = {os.path.basename(r["file"]): r["status"] for r in rows}
+  assert status == {"ok.jpg": "ok", "tiny.png": "error", "bad.jpg": "error"}
+  tiny = next(r for r in rows if r["file"].endswith("tiny.png"))
+  assert "too small for a face chip" in tiny["message"]
+  assert _predict("--model", path, "--aligned", "--csv", tmp_path / "in" / "ok.jpg").returncode == 0
+  # No face found is an answer, not a failure.
+  _save(tmp_path / "flat.png", Image.new("RGB", (120, 120), (128, 128, 128)))
+  if HAS_DLIB:
+    p = _predict("--model", path, "--csv", tmp_path / "flat.png")
+    assert p.returncode == 0 and ",no face," in p.stdout
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+  from agejax.data import images
+  from agejax.data.builders import base
+  from agejax.data.pipeline import decode_face
+  ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+  png = _save(tmp_path / "g16.png", Image.fromarray(ramp))
+  assert Image.open(png).mode == "I;16"
+  expected = np.round(ramp / 257.0)
+  rgb = faces.read_photo(png)
+  assert rgb.dtype == np.uint8 and np.abs(rgb[..., 0] - expected).max() <= 1 and abs(rgb.mean() - 127.5) < 1
+  # 32-bit integer greyscale holding 16-bit values, and floats in [0, 1].
+  for img in (Image.fromarray(ramp.astype(np.int32), "I"), Image.fromarray(ramp.astype(np.float32) / 65535, "F")):
+    assert np.abs(images.to_rgb8(img)[..., 1] - expected).max() <= 1
+  # 16-bit RGB TIFF (Pillow reads it as 8-bit RGB) keeps its colours.
+  tifffile = pytest.importorskip("tifffile")
+  rgb16 = np.stack([ramp, ramp // 2, ramp // 4], -1)
+  tifffile.imwrite(tmp_path / "c.tif", rgb16, photometric="rgb")
+  tif = faces.read_photo(str(tmp_path / "c.tif"))
+  np.testing.assert_allclose(tif.mean((0, 1)), (rgb16 / 257.0).mean((0, 1)), atol=1.5)
+  # The dataset builders and the input pipeline read them alike.
+  jpeg = base.to_jpeg(open(png, "rb").read(), "g16.png")
+  assert abs(decode_face(jpeg, 64).mean() - 127.5) < 2
+
+
+def test_exported_model_is_validated_when_loaded(exported, tmp_path):
+  import shutil
+  _, _, path = exported
+
+  def copy(name):
+    d = tmp_path / name
+    shutil.copytree(path, d)
+    return d
+
+  blob = open(os.path.join(path, "model.jaxexport"), "rb").read()
+  d = copy("truncated")
+  (d / "model.jaxexport").write_bytes(blob[: len(blob) // 3])
+  with pytest.raises(export.ExportError, match=r"truncated/model\.jaxexport: not a readable jax.export artifact"):
+    export.load(str(d))
+  d = copy("garbage")
+  (d / "model.jaxexport").write_bytes(b"\0" * 100)
+  with pytest.raises(export.ExportError, match="model.jaxexport: not a readable"):
+    export.load(str(d))
+  meta = json.load(open(os.path.join(path, "model.json")))
+  for name, change, message in [
+      ("nokeys", lambda m: m.pop("label_grid"), "missing label_grid"),
+      ("version", lambda m: m.update(format_version=99), "format version 99"),
+      ("grid", lambda m: m.update(label_grid=m["label_grid"][:-3]), "age probabilities"),
+      ("size", lambda m: m.update(image_size=48), "image_size 48")]:
+    d = copy(name)
+    m = json.loads(json.dumps(meta))
+    change(m)
+    (d / "model.json").write_text(json.dumps(m))
+    with pytest.raises(export.ExportError, match=message):
+      export.load(str(d))
+  d = copy("json")
+  (d / "model.json").write_text("{not json")
+  with pytest.raises(export.ExportError, match="model.json: not valid JSON"):
+    export.load(str(d))
+  p = _predict("--model", d, "x.jpg")
+  assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in p.stderr
 
 
 HAS_DLIB = importlib.util.find_spec("dlib") is not None

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
+from agejax.data.images import to_rgb8
+
 LABEL_KEYS = ("age", "sigma", "gender", "race", "age_group", "label_conflict")
 
 
@@ -32,7 +34,7 @@ def decode_face(data: bytes, size: int) -> np.ndarray:
   """JPEG bytes -> (size, size, 3) uint8: shorter side resized to `size`, centre crop."""
   with Image.open(io.BytesIO(data)) as img:
     img.draft("RGB", (size, size))  # decode at the smallest DCT scale still >= size
-    img = img.convert("RGB")
+    img = Image.fromarray(to_rgb8(img))
     return np.asarray(ImageOps.fit(img, (size, size), Image.BILINEAR))
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from agejax.data.images import to_rgb8
+
 # Ages accepted at build time. Training maps them onto the config's label grid.
 AGE_LIMITS = (0.0, 120.0)
 RACES = ("white", "black", "asian", "indian", "other")  # UTKFace's coding, used by all builders
@@ -76,7 +78,7 @@ def to_jpeg(data: bytes, where: str) -> bytes:
       return data
     with Image.open(io.BytesIO(data)) as img:
       out = io.BytesIO()
-      img.convert("RGB").save(out, format="JPEG", quality=95)
+      Image.fromarray(to_rgb8(img)).save(out, format="JPEG", quality=95)
       return out.getvalue()
   except Exception as e:  # PIL raises many types for bad files
     raise BadInputError(f"{where}: not a readable image ({type(e).__name__}: {e}).") from e
