@@ -209,3 +209,52 @@ def test_build_command_reports_counts_and_skips(tmp_path):
   summary = json.loads(p.stdout.strip().splitlines()[-1])
   assert summary["splits"] == {"train": 7} and summary["skipped"] == 1
   assert "skipped: labels.csv:3" in p.stderr
+
+
+# ------------------------------------------- labels files that cannot be read, paths that leave the root
+
+LABEL_FILE_CASES = {
+    "empty": (b"", r"labels.csv: the file is empty"),
+    "header_only": (b"path,age\n", r"labels.csv: only a header \(path, age\), no rows"),
+    "not_utf8": ("path,age\nfaces/001.jpg,3\xe9\n".encode("latin-1"), r"labels.csv: not UTF-8 text \(byte 24"),
+    "bad_header": (b"file,years\nfaces/001.jpg,30\n", r"labels.csv:1: the header must name columns path and age"),
+}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize("case", sorted(LABEL_FILE_CASES))
+def test_unreadable_labels_files_name_the_file(tmp_path, case, on_error):
+  content, pattern = LABEL_FILE_CASES[case]
+  m = _folder_with(tmp_path, lambda m: open(m / "labels.csv", "wb").write(content))
+  with pytest.raises(builders.BadInputError, match=pattern):
+    builders.ensure_built("folder", None, str(tmp_path / "d"), str(m), on_error=on_error)
+
+
+def test_skipping_every_row_is_an_error(tmp_path):
+  m = _folder_with(tmp_path, lambda m: [open(f, "wb").write(b"x") for f in (m / "faces").iterdir()])
+  with pytest.raises(builders.BadInputError, match=r"no usable records for this split \(8 skipped; the first: labels.csv:2"):
+    build("folder", m, tmp_path / "d", on_error="skip")
+
+
+@pytest.mark.parametrize("path", ["../outside.jpg", "faces/../../outside.jpg", "/etc/hostname"])
+def test_paths_that_leave_the_image_folder_are_refused(tmp_path, path):
+  fakes.write_image(str(tmp_path / "outside.jpg"), 1)
+  m = _folder_with(tmp_path, lambda m: _replace_line(m / "labels.csv", 3, f"{path},30,0,0,0,"))
+  with pytest.raises(builders.BadInputError, match=r"labels.csv:3: the path .* leaves the image folder"):
+    build("folder", m, tmp_path / "d")
+  b = build("folder", m, tmp_path / "d2", on_error="skip")
+  assert b.info.splits["train"].num_examples == 7 and "leaves the image folder" in b.skipped[0]
+
+
+def test_next_build_removes_what_an_interrupted_one_left(tmp_path):
+  fakes.folder(tmp_path / "m", n=8, with_split=False)
+  os.remove(tmp_path / "m" / "faces/006.jpg")
+  with pytest.raises(builders.BadInputError):
+    builders.ensure_built("folder", None, str(tmp_path / "d"), str(tmp_path / "m"))
+  parent = tmp_path / "d" / "folder"
+  # A build killed mid-way (SIGKILL, a lost machine) leaves its temporary folder behind.
+  (parent / "incomplete.K1LL3D_1.0.0").mkdir(parents=True)
+  (parent / "incomplete.K1LL3D_1.0.0" / "folder-train.array_record-00000-of-00001").write_bytes(b"half")
+  fakes.write_image(str(tmp_path / "m" / "faces/006.jpg"), 6)
+  b = builders.ensure_built("folder", None, str(tmp_path / "d"), str(tmp_path / "m"))
+  assert b.is_prepared() and not any(p.name.startswith("incomplete.") for p in parent.iterdir())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from etils import epath
 
@@ -56,8 +57,26 @@ def ensure_built(name: str, config: str | None, data_dir: str | None, manual_dir
         f"directory {manual}: missing {', '.join(missing)}. {cls.MANUAL_DOWNLOAD_INSTRUCTIONS} "
         f"Then run: python -m agejax.data.build {name} --manual_dir {manual} --data_dir {builder.data_dir_root}")
   import tensorflow_datasets as tfds
+  remove_incomplete(builder)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
   return builder
+
+
+def remove_incomplete(builder: FaceBuilder) -> list[str]:
+  """Delete what interrupted builds of this dataset and config left (TFDS's `incomplete.*` folders
+  beside the version folder); returns their paths. A build that is complete is never touched."""
+  import shutil
+  parent = os.path.dirname(os.fspath(builder.data_dir))
+  if not os.path.isdir(parent):
+    return []
+  removed = []
+  for name in sorted(os.listdir(parent)):
+    path = os.path.join(parent, name)
+    if name.startswith("incomplete.") and os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+      removed.append(path)
+      print(f"Removed {path}, left by an interrupted build.", file=sys.stderr)
+  return removed
 
 
 __all__ = ["BUILDERS", "BadInputError", "DatasetNotFoundError", "ensure_built", "get_builder", "default_data_dir"]

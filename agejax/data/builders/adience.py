@@ -17,7 +17,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, read_csv
+from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, image_path, read_csv_with_header
 from agejax.metrics import ADIENCE_GROUPS
 
 NUM_FOLDS = 5
@@ -38,8 +38,7 @@ def parse_age_group(text: str) -> int | None:
 def fold_records(manual_dir, fold: int):
   path = os.fspath(manual_dir / f"fold_{fold}_data.txt")
   base = os.path.basename(path)
-  rows = read_csv(path)
-  _, header = next(rows)
+  header, rows = read_csv_with_header(path)
   cols = {c.strip().lower(): i for i, c in enumerate(header)}
   for line, row in rows:
     where = f"{base}:{line}"
@@ -55,7 +54,11 @@ def fold_records(manual_dir, fold: int):
       continue
     lo, hi = ADIENCE_GROUPS[group]
     rel = os.path.join("aligned", user, f"landmark_aligned_face.{face_id}.{orig}")
-    p = os.fspath(manual_dir / rel)
+    try:
+      p = image_path(manual_dir, rel, where)
+    except BadInputError as e:
+      yield e
+      continue
     yield Record(key=rel, where=f"{where} ({p})", load=file_loader(p), age=(lo + hi) / 2, gender=gender,
                  age_group=group)
 

@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import io
 import math
+import os
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -118,6 +119,7 @@ class FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, records: Iterable[Record | BadInputError]) -> Iterator[tuple[str, dict]]:
     """Validate and encode records; record iterators yield a BadInputError for an unparsable row."""
     seen: dict[str, str] = {}
+    skipped_before = len(self.skipped)
     for rec in records:
       if isinstance(rec, BadInputError):  # a row that could not even be parsed
         self._reject(str(rec))
@@ -142,16 +144,49 @@ class FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           "image": jpeg, "filename": rec.key.encode(), "age": np.float32(rec.age),
           "sigma": np.float32(rec.sigma), "gender": np.int32(rec.gender), "race": np.int32(rec.race),
           "age_group": np.int32(rec.age_group), "label_conflict": np.int32(rec.label_conflict)}
+    if not seen:
+      skipped = self.skipped[skipped_before:]
+      raise BadInputError(f"no usable records for this split ({len(skipped)} skipped"
+                          + (f"; the first: {skipped[0]}" if skipped else "") + ").")
 
 
 def read_csv(path, where_name: str | None = None) -> Iterator[tuple[int, list[str]]]:
-  """Rows of a CSV/TSV/semicolon file as (line number, fields); the delimiter is sniffed."""
-  text = open(path, newline="", encoding="utf-8-sig").read()
+  """Rows of a CSV/TSV/semicolon file as (line number, fields); the delimiter is sniffed.
+
+  BadInputError, naming the file, for a file that is not UTF-8 or holds no rows.
+  """
+  raw = open(path, "rb").read()
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise BadInputError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8.") from None
   sample = text[:4096]
   delim = max([",", ";", "\t"], key=sample.count)
-  for i, row in enumerate(csv.reader(io.StringIO(text), delimiter=delim), start=1):
-    if row and any(c.strip() for c in row):
-      yield i, [c.strip() for c in row]
+  rows = [(i, [c.strip() for c in row]) for i, row in enumerate(csv.reader(io.StringIO(text), delimiter=delim), start=1)
+          if row and any(c.strip() for c in row)]
+  if not rows:
+    raise BadInputError(f"{path}: the file is empty.")
+  yield from rows
+
+
+def read_csv_with_header(path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+  """(header fields, the rows after it); BadInputError for an empty or header-only file."""
+  rows = list(read_csv(path))
+  if len(rows) < 2:
+    raise BadInputError(f"{path}: only a header ({', '.join(rows[0][1])}), no rows.")
+  return rows[0][1], iter(rows[1:])
+
+
+def image_path(root: str, rel: str, where: str) -> str:
+  """root/rel for a path read from a labels file; BadInputError where it leaves root
+  (absolute, or through '..'), so a labels file cannot read images from elsewhere."""
+  root = os.path.abspath(os.fspath(root))
+  full = os.path.normpath(os.path.join(root, rel))
+  if not rel or os.path.isabs(rel) or os.path.commonpath([root, full]) != root:
+    raise BadInputError(f"{where}: the path {rel!r} leaves the image folder {root}; "
+                        "labels files name images inside it.")
+  return full
 
 
 def parse_float(value: str, where: str, what: str) -> float:

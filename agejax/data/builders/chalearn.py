@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, parse_float, read_csv
+from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, image_path, parse_float, read_csv
 
 LAYOUTS = {
     2015: {"train": ("Train", "Train.csv"), "validation": ("Validation", "Validation.csv")},
@@ -40,10 +40,10 @@ def gt_records(folder, csv_path, split_name):
     try:
       mean = parse_float(row[1], where, "the mean age")
       std = parse_float(row[2], where, "the standard deviation")
+      path = image_path(folder, row[0], where)
     except BadInputError as e:
       yield e
       continue
-    path = os.path.join(folder, row[0])
     yield Record(key=f"{split_name}/{row[0]}", where=f"{where} ({path})", load=file_loader(path),
                  age=mean, sigma=std)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, parse_float, read_csv
+from agejax.data.builders.base import (BadInputError, FaceBuilder, Record, file_loader, image_path, parse_float,
+                                      read_csv_with_header)
 
 SPLITS = ("train", "validation", "test")
 
@@ -30,12 +31,10 @@ def _int_label(value: str, where: str, what: str, mapping=None) -> int:
 
 def folder_records(manual_dir, split):
   path = os.fspath(manual_dir / "labels.csv")
-  rows = read_csv(path)
-  _, header = next(rows)
+  header, rows = read_csv_with_header(path)
   cols = {c.lower(): i for i, c in enumerate(header)}
-  if "path" not in cols or "age" not in cols:
-    yield BadInputError(f"labels.csv:1: the header must name columns path and age; got {header!r}.")
-    return
+  if "path" not in cols or "age" not in cols:  # no row can be read: an error even when skipping bad rows
+    raise BadInputError(f"{path}:1: the header must name columns path and age; got {header!r}.")
   get = lambda row, c: row[cols[c]] if c in cols and cols[c] < len(row) else ""
   for line, row in rows:
     where = f"labels.csv:{line}"
@@ -50,11 +49,11 @@ def folder_records(manual_dir, split):
       sigma = parse_float(get(row, "sigma") or "0", where, "sigma")
       gender = _int_label(get(row, "gender"), where, "gender", {"m": 0, "male": 0, "f": 1, "female": 1})
       race = _int_label(get(row, "race"), where, "race")
+      rel = get(row, "path")
+      p = image_path(manual_dir, rel, where)
     except BadInputError as e:
       yield e
       continue
-    rel = get(row, "path")
-    p = os.fspath(manual_dir / rel)
     yield Record(key=rel, where=f"{where} ({p})", load=file_loader(p), age=age, sigma=sigma, gender=gender, race=race)
 
 
@@ -66,10 +65,10 @@ class Folder(FaceBuilder, skip_registration=True):
   def _split_records(self, manual_dir):
     path = os.fspath(manual_dir / "labels.csv")
     present = set()
-    rows = list(read_csv(path))
-    header = [c.lower() for c in rows[0][1]] if rows else []
+    header, rows = read_csv_with_header(path)
+    header = [c.lower() for c in header]
     if "split" in header:
       i = header.index("split")
-      present = {(r[i].lower() if i < len(r) and r[i] else "train") for _, r in rows[1:]} & set(SPLITS)
+      present = {(r[i].lower() if i < len(r) and r[i] else "train") for _, r in rows} & set(SPLITS)
     present = present or {"train"}
     return {s: folder_records(manual_dir, s) for s in SPLITS if s in present}

@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 
-from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, parse_float, read_csv
+from agejax.data.builders.base import (BadInputError, FaceBuilder, Record, file_loader, image_path, parse_float,
+                                      read_csv, read_csv_with_header)
 
 # MORPH race letters -> agejax's race index (White, Black, Asian, Indian, Other).
 RACE_CODES = {"W": 0, "B": 1, "A": 2, "I": 3, "H": 4, "O": 4}
@@ -36,10 +37,10 @@ def _list_records(images, path, split):
     try:
       age = parse_float(row[1], where, "the age")
       sigma = parse_float(row[2], where, "sigma") if len(row) > 2 and row[2] else 0.0
+      p = image_path(images, row[0], where)
     except BadInputError as e:
       yield e
       continue
-    p = os.path.join(images, row[0])
     yield Record(key=f"{split}/{row[0]}", where=f"{where} ({p})", load=file_loader(p), age=age, sigma=sigma)
 
 
@@ -50,13 +51,11 @@ def subject_split(subject: str) -> str:
 
 def _meta_records(images, path, split):
   base = os.path.basename(path)
-  rows = read_csv(path)
-  _, header = next(rows)
+  header, rows = read_csv_with_header(path)
   cols = {c.lower(): i for i, c in enumerate(header)}
   file_col = cols.get("photo", cols.get("file"))
   if file_col is None or "age" not in cols:
-    yield BadInputError(f"{base}:1: the header must name columns photo (or file) and age; got {header!r}.")
-    return
+    raise BadInputError(f"{path}:1: the header must name columns photo (or file) and age; got {header!r}.")
   for line, row in rows:
     where = f"{base}:{line}"
     try:
@@ -67,13 +66,13 @@ def _meta_records(images, path, split):
       age = parse_float(row[cols["age"]], where, "the age")
       gender = {"M": 0, "F": 1}.get(row[cols["gender"]].upper(), -1) if "gender" in cols else -1
       race = RACE_CODES.get(row[cols["race"]].upper()[:1], -1) if "race" in cols else -1
+      p = image_path(images, rel, where)
     except IndexError:
       yield BadInputError(f"{where}: too few fields ({len(row)}) for the header.")
       continue
     except BadInputError as e:
       yield e
       continue
-    p = os.path.join(images, rel)
     yield Record(key=rel, where=f"{where} ({p})", load=file_loader(p), age=age, gender=gender, race=race)
 
 
