@@ -4,6 +4,8 @@
     python train.py --config configs/chalearn16.py --workdir runs/cl16 --config.batch_size=64
 
 Running the same command again resumes from the latest checkpoint in --workdir.
+On SIGTERM or Ctrl-C it saves a checkpoint of the step it reached and exits with
+128 + the signal's number (143, 130); the same command resumes from there.
 """
 
 import sys
@@ -21,11 +23,15 @@ def main(argv):
   del argv
   from agejax import cli
   cli.setup_jax(FLAGS.config)
-  from agejax import train_lib
+  from agejax import train_lib, workdir
   from agejax.data.builders import BadInputError, DatasetNotFoundError
   try:
     summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (DatasetNotFoundError, BadInputError, ValueError, train_lib.NonFiniteLossError) as e:
+  except train_lib.Preempted as e:
+    print(str(e), file=sys.stderr)
+    return 128 + (e.signum or 15)
+  except (DatasetNotFoundError, BadInputError, ValueError, train_lib.NonFiniteLossError,
+          workdir.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"final validation MAE {summary.get('mae', float('nan')):.3f}")

@@ -254,9 +254,19 @@ def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "
   return summary
 
 
+def config_summary(config) -> str:
+  return (f"model {config.model.name}, loss {config.loss.name}, gender {config.model.gender}, race "
+          f"{config.model.race}, msa_stages {tuple(config.model.msa_stages)}")
+
+
 def load_checkpoint(trainer, workdir: str, which: str):
-  """The train state from `best`, `last` or a step number; a clear error when absent."""
-  from agejax import train_lib
+  """The train state from `best`, `last` or a step number; a clear error when absent (creating
+  nothing in workdir) or when the config's model is not the one the run trained."""
+  from agejax import train_lib, workdir as workdir_lib
+  root = os.path.abspath(workdir)
+  if not any(os.path.isdir(os.path.join(root, d)) and os.listdir(os.path.join(root, d)) for d in ("checkpoints", "best")):
+    raise FileNotFoundError(f"No checkpoint in {workdir}: train first (python train.py --workdir {workdir} ...).")
+  workdir_lib.check_config(workdir, trainer.config)
   last_mgr, best_mgr = train_lib.checkpoint_managers(workdir, trainer.config)
   try:
     if which == "best":
@@ -271,7 +281,12 @@ def load_checkpoint(trainer, workdir: str, which: str):
         raise FileNotFoundError(f"No checkpoint at step {step} in {workdir}/checkpoints; have {last_mgr.all_steps()}.")
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}: train first (python train.py --workdir {workdir} ...).")
-    return train_lib.restore_state(mgr, step, trainer.init_state(fresh=False))
+    try:
+      return train_lib.restore_state(mgr, step, trainer.init_state(fresh=False))
+    except Exception as e:  # orbax reports a model mismatch as a tensor-shape error deep in its event loop
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise ValueError(f"Checkpoint {step} in {workdir} does not fit the config's model "
+                       f"({config_summary(trainer.config)}): {first}") from None
   finally:
     last_mgr.close()
     best_mgr.close()

@@ -9,10 +9,15 @@ global batch with `jax.make_array_from_process_local_data`; process 0 writes log
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import threading
 from typing import Any
 
 import flax
@@ -26,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from agejax import ldl, models, objectives
+from agejax import ldl, models, objectives, workdir as workdir_lib
 from agejax.data import augment, builders, pipeline
 from agejax.models.heads import with_age_bias
 from agejax.reporting import MetricWriter, Progress
@@ -43,6 +48,16 @@ class TrainState:
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM / SIGINT after saving a checkpoint of the step it reached."""
+
+  def __init__(self, signum: int, step: int, workdir: str):
+    self.signum, self.step = signum, step
+    name = signal.Signals(signum).name if signum else "preemption"
+    super().__init__(f"Stopped by {name} at step {step}; checkpoint {step} is saved in "
+                     f"{os.path.join(workdir, 'checkpoints')}. Run the same command to resume.")
 
 
 def validate(config: ml_collections.ConfigDict):
@@ -330,28 +345,107 @@ def restore_state(manager: ocp.CheckpointManager, step: int, template: TrainStat
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def restore_newest(workdir: str, config, last_mgr, template: TrainState, iterator, log):
+  """(manager, state, step) from the newest checkpoint that restores, or (manager, None, None).
+
+  A checkpoint that does not restore (a state chunk or the data-iterator file missing) is
+  moved, not deleted, to <workdir>/damaged_checkpoints/<step>, and the next older one is
+  tried; `log` says which and why. The manager is reopened when one was moved.
+  """
+  moved = False
+  for step in sorted(last_mgr.all_steps(), reverse=True):
+    try:
+      return last_mgr, restore_state(last_mgr, step, template, iterator), step
+    except Exception as e:  # orbax and grain raise assorted errors for damaged checkpoints
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      if jax.process_index() == 0:
+        aside = os.path.join(workdir, "damaged_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, str(step))
+        while os.path.exists(target):
+          target += "_"
+        shutil.move(os.path.join(os.path.abspath(workdir), "checkpoints", str(step)), target)
+        log(f"Checkpoint {step} does not restore ({reason}); moved to {target} and trying an older one.")
+      moved = True
+  if moved:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("damaged checkpoints moved")
+    last_mgr.close()
+    last_mgr = checkpoint_managers(workdir, config)[0]
+  return last_mgr, None, None
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT ask training to stop at the next step (one process: Python handlers; several:
+  jax's preemption sync point, which every process reaches at the same step)."""
+
+  def __init__(self):
+    self.signum = 0
+    self.previous = {}
+    self.multihost = jax.process_count() > 1
+
+  def __enter__(self):
+    if not self.multihost and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self.previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+
+  def requested(self, step: int) -> bool:
+    if self.multihost:
+      from jax.experimental import multihost_utils
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # jax.distributed without the preemption service
+        return False
+    return self.signum != 0
+
+  def __exit__(self, *exc):
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Train (resuming from the latest checkpoint in `workdir`), validating periodically.
+  """Train (resuming from the newest checkpoint in `workdir` that restores), validating periodically.
 
   Returns the final validation summary. Raises NonFiniteLossError if the loss
   goes NaN/Inf; checkpoints are only written after the losses since the last
-  check were verified finite, so the last one on disk is good.
+  check were verified finite, so the last one on disk is good. On SIGTERM or SIGINT
+  it saves a checkpoint of the step it reached, waits for it and raises Preempted.
+  The workdir is held by one training at a time (workdir_lib.lock).
   """
-  from agejax import evaluate_lib  # evaluation helpers sit above the trainer's core
   trainer = Trainer(config, workdir)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    workdir_lib.prepare(workdir)
+  with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
+    return _train(trainer, config, workdir, is_main)
+
+
+def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, Any]:
+  from agejax import evaluate_lib  # evaluation helpers sit above the trainer's core
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = MetricWriter(workdir, enabled=is_main)
+  log = lambda text: print(text, file=sys.stderr, flush=True) if is_main else None
   last_mgr, best_mgr = checkpoint_managers(workdir, config)
-  start = last_mgr.latest_step()
-  state = trainer.init_state(fresh=start is None)
   it = trainer.train_iterator()
-  if start is not None:
-    state = restore_state(last_mgr, start, state, it)
-    writer.log_text(f"Resumed from step {start} in {workdir}/checkpoints.")
+  state, start = None, None
+  if last_mgr.all_steps():
+    last_mgr, state, start = restore_newest(workdir, config, last_mgr, trainer.init_state(fresh=False), it, log)
+    if start is None:
+      log(f"No checkpoint in {workdir}/checkpoints restores; training from step 0.")
+      it = trainer.train_iterator()
+  if state is None:
+    state = trainer.init_state()
+  if is_main:
+    dropped = workdir_lib.truncate_metrics(workdir, start or 0)
+    if start is not None:
+      log(f"Resumed from step {start} in {workdir}/checkpoints"
+          + (f" (dropped {dropped} metrics rows logged after it)." if dropped else "."))
+  writer = MetricWriter(workdir, enabled=is_main)
   step = int(jax.device_get(state.step))
   eval_every = max(1, int(config.eval_every_epochs * trainer.steps_per_epoch))
   progress = Progress(trainer.num_steps, "train", unit="step", initial=step, enabled=is_main)
@@ -371,8 +465,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"The last good checkpoint is step {last} in {os.path.join(workdir, 'checkpoints')} (left intact). "
           "Lower config.optimizer.learning_rate, set config.optimizer.grad_clip, or check the data.")
 
+  stop = _StopSignals()
   try:
+    stop.__enter__()
     while step < trainer.num_steps:
+      if stop.requested(step):
+        check_finite(step)
+        if last_mgr.latest_step() != step:
+          last_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=grain.checkpoint.CheckpointSave(it)), force=True)
+        last_mgr.wait_until_finished()
+        raise Preempted(stop.signum, step, workdir)
       local = next(it)
       state, metrics = trainer.train_step(state, trainer.global_batch(local))
       step += 1
@@ -405,6 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           best_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                         metrics={"val_mae": float(summary["mae"])})
   finally:
+    stop.__exit__()
     progress.close()
     last_mgr.wait_until_finished()
     last_mgr.close()

@@ -229,3 +229,103 @@ def test_prior_bias_init_starts_coral_at_the_training_median(data_dir):
   c.loss.name = "dldl_v2"
   with pytest.raises(ValueError, match="age_bias_init=prior"):
     train_lib.validate(c)
+
+
+def _train_steps(workdir):
+  return [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
+
+
+def _wait_for(predicate, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+def test_sigterm_saves_the_step_it_reached_and_resume_is_bitwise_identical(tmp_path, data_dir):
+  extra = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=100", "--config.eval_every_epochs=100",
+           "--config.log_every_steps=1"]
+  run(smoke_args(tmp_path / "straight", data_dir, *extra))
+  wd = tmp_path / "term"
+  p = subprocess.Popen([sys.executable] + smoke_args(wd, data_dir, *extra), cwd=ROOT, env=env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  _wait_for(lambda: (wd / "metrics.jsonl").exists() and _train_steps(wd) and max(_train_steps(wd)) >= 5)
+  p.send_signal(signal.SIGTERM)
+  _, err = p.communicate(timeout=300)
+  assert p.returncode == 143, err[-3000:]
+  stopped = int(err.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+  assert 5 <= stopped < 12 and "Traceback" not in err
+  assert sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()) == [stopped]
+  p2 = run(smoke_args(wd, data_dir, *extra))
+  assert f"Resumed from step {stopped}" in p2.stderr
+  s1, a = restore_params(str(tmp_path / "straight"))
+  s2, b = restore_params(str(wd))
+  assert s1 == s2 == 12
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert _train_steps(wd) == list(range(1, 13))  # each step once
+
+
+def test_sigkill_after_a_checkpoint_leaves_each_metrics_step_once(tmp_path, data_dir):
+  extra = ["--config.num_train_steps=10", "--config.checkpoint_every_steps=3", "--config.eval_every_epochs=100",
+           "--config.log_every_steps=1"]
+  wd = tmp_path / "killed"
+  p = subprocess.Popen([sys.executable] + smoke_args(wd, data_dir, *extra), cwd=ROOT, env=env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  _wait_for(lambda: (wd / "checkpoints" / "3").exists() and max(_train_steps(wd) or [0]) >= 5)
+  p.kill()
+  p.wait()
+  p2 = run(smoke_args(wd, data_dir, *extra))
+  assert "dropped" in p2.stderr and _train_steps(wd) == list(range(1, 11))
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_an_older_one_resumes(tmp_path, data_dir):
+  extra = ["--config.checkpoint_every_steps=3", "--config.eval_every_epochs=100", "--config.keep_checkpoints=5"]
+  wd = tmp_path / "damaged"
+  run(smoke_args(wd, data_dir, "--config.num_train_steps=6", *extra))
+  import shutil
+  shutil.rmtree(wd / "checkpoints" / "6" / "data")  # the data iterator's file is gone
+  p = run(smoke_args(wd, data_dir, "--config.num_train_steps=9", *extra))
+  assert "Checkpoint 6 does not restore" in p.stderr and "Resumed from step 3" in p.stderr
+  assert (wd / "damaged_checkpoints" / "6" / "state").is_dir()  # kept, not deleted
+  step, params = restore_params(str(wd))
+  assert step == 9 and all(np.all(np.isfinite(v)) for v in params.values())
+
+
+def test_a_workdir_in_use_or_unusable_is_refused_in_one_line(tmp_path, data_dir):
+  wd = tmp_path / "busy"
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom agejax import workdir\n"
+                             f"workdir.prepare({str(wd)!r})\nwith workdir.lock({str(wd)!r}):\n"
+                             "  print('held', flush=True)\n  time.sleep(600)"],
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  p = run(smoke_args(wd, data_dir), check=False)
+  assert p.returncode == 1 and "is in use by another training (pid" in p.stderr and "Traceback" not in p.stderr
+  assert not (wd / "checkpoints").exists()
+  holder.kill()  # a killed holder leaves no stale lock
+  holder.wait()
+  run(smoke_args(wd, data_dir))
+  (tmp_path / "a_file").write_text("x")
+  for bad, message in ((tmp_path / "a_file", "is a file, not a folder"), (tmp_path / "a_file" / "sub", "cannot be written")):
+    p = run(smoke_args(bad, data_dir), check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and lines[-1].startswith("error: ") and message in lines[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_evaluate_refuses_clearly_without_touching_the_workdir(tmp_path, data_dir):
+  args = lambda wd, *extra: ["evaluate.py", "--config", "configs/default.py:smoke", "--workdir", str(wd),
+                             "--config.dataset.name=folder", f"--config.dataset.data_dir={data_dir}", *extra]
+  p = run(args(tmp_path / "nothing"), check=False)
+  assert p.returncode == 1 and "No checkpoint in" in p.stderr and not (tmp_path / "nothing").exists()
+  wd = tmp_path / "run"
+  run(smoke_args(wd, data_dir))
+  p = run(args(wd, "--config.model.name=resnet18"), check=False)
+  assert p.returncode == 1 and "Traceback" not in p.stderr
+  assert "model.name='resnet18' (trained with 'tiny')" in p.stderr.strip().splitlines()[-1]
+  os.remove(wd / "config.json")  # a run without its record: the restore's error is named too
+  p = run(args(wd, "--config.model.name=resnet18"), check=False)
+  assert p.returncode == 1 and "does not fit the config's model (model resnet18" in p.stderr
+  assert "Traceback" not in p.stderr
