@@ -34,7 +34,11 @@ def main(argv):
           workdir.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"final validation MAE {summary.get('mae', float('nan')):.3f}")
+  if "mae" in summary:
+    print(f"final validation MAE {summary['mae']:.3f}")
+  else:
+    print("trained without a validation split (config.dataset.eval_split is empty): evaluate.py scores the last "
+          "checkpoint")
   return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -273,6 +274,11 @@ def load_checkpoint(trainer, workdir: str, which: str):
       mgr, step = best_mgr, best_mgr.best_step()
       if step is None:
         mgr, step = last_mgr, last_mgr.latest_step()
+        if step is not None:
+          why = ("the config has no validation split (full_train)" if not trainer.config.dataset.eval_split
+                 else "no validation was run")
+          print(f"No checkpoint was selected by validation ({why}): evaluating the last one, step {step}.",
+                file=sys.stderr)
     elif which == "last":
       mgr, step = last_mgr, last_mgr.latest_step()
     else:

@@ -497,7 +497,7 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
         pending = []
         last_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     data=grain.checkpoint.CheckpointSave(it)))
-      if step % eval_every == 0 or step == trainer.num_steps:
+      if config.dataset.eval_split and (step % eval_every == 0 or step == trainer.num_steps):
         check_finite(step)
         pending = []
         with progress.paused():

@@ -1,4 +1,8 @@
-"""Adience, 5-fold subject-exclusive CV: `:fold2` picks the test fold. Reports exact / 1-off accuracy."""
+"""Adience, 5-fold subject-exclusive CV: `:fold2` picks the test fold. Reports exact / 1-off accuracy.
+
+Checkpoints are selected on `holdout`, 10% of the training folds' users, never on the
+test fold. `full_train` trains on all four training folds and evaluates the last checkpoint.
+"""
 
 from configs import default
 
@@ -8,7 +12,7 @@ def get_config(arg=None):
   c.dataset.name = "adience"
   c.dataset.config = "fold0"
   c.dataset.on_error = "skip"   # rows with no age label are part of the release
-  c.dataset.eval_split = "test"
+  c.dataset.eval_split = "holdout"
   c.dataset.test_split = "test"
   tokens = []
   for t in (arg or "").split(","):

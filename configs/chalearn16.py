@@ -1,4 +1,9 @@
-"""ChaLearn LAP 2016 (DLDL-v2 protocol: train on train+validation, report on test; paper MAE 3.452 Thin)."""
+"""ChaLearn LAP 2016. DLDL-v2's protocol: train on train+validation, report on test (paper MAE 3.452, Thin).
+
+Checkpoints are selected on `holdout`, 10% of the official train images held out of
+training. `full_train` trains on all of train+validation (the paper's set) and
+evaluates the last checkpoint.
+"""
 
 from configs import default
 
@@ -7,6 +12,6 @@ def get_config(arg=None):
   c = default.base_config()
   c.dataset.name = "chalearn16"
   c.dataset.train_split = "train+validation"
-  c.dataset.eval_split = "test"
+  c.dataset.eval_split = "holdout"
   c.dataset.test_split = "test"
   return default.apply_variants(c, arg)

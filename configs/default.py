@@ -16,6 +16,8 @@ string after ":" on the command line is a comma-separated list of variants:
   schedule: smoke (seconds; tests) | cpu (TinyAgeNet at 64 px, useful within an
             hour on 2 CPU cores) | the paper's (default)
   two_stage: the official code's KL-only first stage, then KL + L1
+  full_train: train on the held-out part too (the paper's exact training set): no
+            checkpoint selection, evaluate.py scores the last checkpoint
   flip_only: horizontal flips as the only augmentation
   tuned:    agejax's short-schedule recipe (docs/RESULTS.md): cosine decay after a
             300-step warmup, AdamW (weight decay 0.01), flips and shifts of up
@@ -126,6 +128,10 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.workers = 0
     elif token == "two_stage":
       c.loss.stage1_epochs = max(1, c.num_epochs // 2)
+    elif token == "full_train":
+      if c.dataset.eval_split in ("holdout", "validation") and c.dataset.eval_split not in c.dataset.train_split:
+        c.dataset.train_split = f"{c.dataset.train_split}+{c.dataset.eval_split}"
+      c.dataset.eval_split = ""
     elif token == "flip_only":         # the plain baseline's augmentation (docs/RESULTS.md)
       _flips_only(c)
     elif token == "tuned":

@@ -1,4 +1,10 @@
-"""MORPH II, DLDL-v2's random 80/20 split (paper MAE 1.969 Thin). Metadata CSV gives gender and race too."""
+"""MORPH II. DLDL-v2's protocol: a random 80/20 split (paper MAE 1.969, Thin); the metadata CSV gives
+gender and race too.
+
+Checkpoints are selected on `holdout`, 10% of the training subjects (no person in it
+trains), never on the reported test split. `full_train` trains on every training subject
+and evaluates the last checkpoint.
+"""
 
 from configs import default
 
@@ -6,6 +12,6 @@ from configs import default
 def get_config(arg=None):
   c = default.base_config()
   c.dataset.name = "morph"
-  c.dataset.eval_split = "test"
+  c.dataset.eval_split = "holdout"
   c.dataset.test_split = "test"
   return default.apply_variants(c, arg)

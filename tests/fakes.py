@@ -59,7 +59,7 @@ def morph_lists(manual_dir: str, n: int = 5):
   for split in ("train", "test"):
     rows = []
     for i in range(n):
-      name = f"{split}_{i:03d}_{i}M{20 + i}.JPG"
+      name = f"{i + (0 if split == 'train' else 500):06d}_{i}M{20 + i}.JPG"  # MORPH's names: subject first
       write_image(os.path.join(manual_dir, "images", name), i)
       rows.append(f"{name},{20 + i},{2.0}")
     open(os.path.join(manual_dir, f"morph_{split}.csv"), "w").write("\n".join(rows) + "\n")

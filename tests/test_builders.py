@@ -88,11 +88,12 @@ def test_utkface_real_archive(tmp_path):
 def test_chalearn16(tmp_path):
   fakes.chalearn16(tmp_path / "m")
   b = build("chalearn16", tmp_path / "m", tmp_path / "d")
-  assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 4, "validation": 4, "test": 4}
+  assert {k: v.num_examples for k, v in b.info.splits.items()} == {"train": 3, "holdout": 1, "validation": 4,
+                                                                  "test": 4}
   r = rows(b, "test")[1]
   assert r["age"] == pytest.approx(21.5) and r["sigma"] == pytest.approx(2.5)
   both = b.as_data_source("train+validation")
-  assert len(both) == 8
+  assert len(both) == 7
 
 
 def test_chalearn15_semicolons_no_header(tmp_path):
@@ -105,11 +106,12 @@ def test_chalearn15_semicolons_no_header(tmp_path):
 def test_morph_lists_and_metadata(tmp_path):
   fakes.morph_lists(tmp_path / "a")
   b = build("morph", tmp_path / "a", tmp_path / "d1")
-  assert b.info.splits["train"].num_examples == 5 and rows(b, "test")[0]["sigma"] == 2.0
+  assert b.info.splits["train"].num_examples == 4 and b.info.splits["holdout"].num_examples == 1
+  assert rows(b, "test")[0]["sigma"] == 2.0
   fakes.morph_metadata(tmp_path / "b")
   b = build("morph", tmp_path / "b", tmp_path / "d2")
-  n = b.info.splits["train"].num_examples + b.info.splits["test"].num_examples
-  assert n == 20 and 0 < b.info.splits["test"].num_examples < 10
+  n = sum(b.info.splits[s].num_examples for s in ("train", "holdout", "test"))
+  assert n == 20 and 0 < b.info.splits["test"].num_examples < 10 and b.info.splits["holdout"].num_examples >= 1
   r = rows(b, "train")
   assert {x["gender"] for x in r} <= {0, 1} and {x["race"] for x in r} <= {0, 1, 2, 4}
 
@@ -117,7 +119,8 @@ def test_morph_lists_and_metadata(tmp_path):
 def test_adience_folds(tmp_path):
   fakes.adience(tmp_path / "m")
   b = build("adience", tmp_path / "m", tmp_path / "d", "fold1")
-  assert b.info.splits["test"].num_examples == 3 and b.info.splits["train"].num_examples == 12
+  assert b.info.splits["test"].num_examples == 3
+  assert b.info.splits["train"].num_examples == 9 and b.info.splits["holdout"].num_examples == 3  # one user of four
   assert len(b.skipped) == 5 and all("no age label" in s for s in b.skipped)  # one "None" row per fold
   r = rows(b, "test")
   assert all(0 <= x["age_group"] < 8 for x in r)
@@ -258,3 +261,57 @@ def test_next_build_removes_what_an_interrupted_one_left(tmp_path):
   fakes.write_image(str(tmp_path / "m" / "faces/006.jpg"), 6)
   b = builders.ensure_built("folder", None, str(tmp_path / "d"), str(tmp_path / "m"))
   assert b.is_prepared() and not any(p.name.startswith("incomplete.") for p in parent.iterdir())
+
+
+# ---------------------------------------------- checkpoint selection never sees the reported split
+
+def _dataset_config(name, arg=None):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _records(b, split):
+  """(filename, subject) of every record of a split expression ("a+b")."""
+  src = b.as_data_source(split)
+  names = [src[i]["filename"].decode() for i in range(len(src))]
+  subject = lambda n: os.path.basename(n).split("_")[0] if b.name == "morph" else n.split("/")[1] if b.name == "adience" else n
+  return {(n, subject(n)) for n in names}
+
+
+@pytest.mark.parametrize("name,arg,fixture", [
+    ("chalearn15", None, fakes.chalearn15), ("chalearn16", None, fakes.chalearn16),
+    ("morph", None, fakes.morph_lists), ("morph", None, fakes.morph_metadata),
+    ("adience", "fold0", fakes.adience), ("adience", "fold3", fakes.adience)])
+def test_every_config_selects_checkpoints_apart_from_the_reported_split(tmp_path, name, arg, fixture):
+  c = _dataset_config(name, arg)
+  fixture(str(tmp_path / "m"))
+  b = builders.ensure_built(c.dataset.name, c.dataset.config or None, str(tmp_path / "d"), str(tmp_path / "m"),
+                            on_error=c.dataset.on_error)
+  select, report, train = (_records(b, c.dataset[k]) for k in ("eval_split", "test_split", "train_split"))
+  assert select and report and train
+  assert c.dataset.eval_split != c.dataset.test_split
+  for a, b_ in ((select, report), (select, train)):
+    assert not {n for n, _ in a} & {n for n, _ in b_}
+    if name in ("morph", "adience"):  # subject-exclusive
+      assert not {s for _, s in a} & {s for _, s in b_}
+  # full_train: the paper's training set, no selection; evaluate.py then uses the last checkpoint.
+  full = _dataset_config(name, "full_train" if arg is None else f"{arg},full_train")
+  assert full.dataset.eval_split == "" and _records(b, full.dataset.train_split) == train | select
+  assert full.dataset.test_split == c.dataset.test_split
+
+
+@pytest.mark.parametrize("config", ["default", "coral2019"])
+def test_utkface_configs_select_on_validation_apart_from_test_and_its_duplicates(config):
+  c = _dataset_config("utkface", config if config != "default" else None)
+  assert (c.dataset.config, c.dataset.eval_split, c.dataset.test_split) == (config, "validation", "test")
+  table = utkface.split_table()
+  coral_test = utkface.coral_test_groups(table)
+  groups = {}
+  for row in table.values():
+    groups.setdefault(utkface._split_of(row, config, coral_test), set()).add(row["group"])
+  assert groups["validation"] and not groups["validation"] & groups["test"]
+  assert not groups["validation"] & groups["train"]

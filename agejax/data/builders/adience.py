@@ -8,6 +8,8 @@ Ages are groups such as "(25, 32)"; a few rows give one number ("35"), which goe
 to the nearest group; rows with "None" have no age and are skipped (counted).
 Gender: m -> 0, f -> 1, u or empty -> -1. Config `foldK` tests on fold K and
 trains on the other four. Each record's `age` is its group's midpoint.
+Split `holdout` (version 1.1.0): 10% of the training folds' users, moved out of
+`train`, for checkpoint selection apart from the test fold.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import re
 
 import tensorflow_datasets as tfds
 
-from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, image_path, read_csv_with_header
+from agejax.data.builders.base import (BadInputError, FaceBuilder, Record, file_loader, image_path,
+                                      read_csv_with_header, split_off_holdout)
 from agejax.metrics import ADIENCE_GROUPS
 
 NUM_FOLDS = 5
@@ -60,7 +63,7 @@ def fold_records(manual_dir, fold: int):
       yield e
       continue
     yield Record(key=rel, where=f"{where} ({p})", load=file_loader(p), age=(lo + hi) / 2, gender=gender,
-                 age_group=group)
+                 age_group=group, subject=user)
 
 
 def _chain(*iterables):
@@ -70,6 +73,9 @@ def _chain(*iterables):
 
 class Adience(FaceBuilder, skip_registration=True):
   """Adience aligned faces with 8 age groups and gender; 5-fold subject-exclusive CV."""
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "A holdout split: 10% of the training folds' users, for checkpoint selection."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f"fold{k}", description=f"Test on fold {k}.")
                      for k in range(NUM_FOLDS)]
   REQUIRED_FILES = ("aligned/",) + tuple(f"fold_{k}_data.txt" for k in range(NUM_FOLDS))
@@ -82,5 +88,5 @@ class Adience(FaceBuilder, skip_registration=True):
   def _split_records(self, manual_dir):
     test = int(self.builder_config.name[len("fold"):])
     train = [k for k in range(NUM_FOLDS) if k != test]
-    return {"train": _chain(*(fold_records(manual_dir, k) for k in train)),
-            "test": fold_records(manual_dir, test)}
+    kept, holdout = split_off_holdout(_chain(*(fold_records(manual_dir, k) for k in train)))
+    return {"train": kept, "holdout": holdout, "test": fold_records(manual_dir, test)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import math
 import os
@@ -47,6 +48,28 @@ class Record:
   race: int = -1                   # RACES index, -1 unknown
   age_group: int = -1              # Adience group index, -1 where not used
   label_conflict: int = 0          # 1 where duplicate copies disagree (UTKFace)
+  subject: str = ""                # the person, where the dataset names them (MORPH id_num, Adience user_id)
+
+
+HOLDOUT_FRACTION = 0.1
+
+
+def split_off_holdout(records: Iterable[Record | BadInputError], fraction: float = HOLDOUT_FRACTION
+                      ) -> tuple[list[Record | BadInputError], list[Record]]:
+  """(train, holdout): about `fraction` of the people (or, where the dataset names none, of the
+  images) moved out of a training split, for checkpoint selection apart from the reported split.
+
+  Deterministic: the groups with the smallest MD5 of their name, at least one when there are
+  two or more. Unparsable rows stay with train, so they are reported once.
+  """
+  records = list(records)
+  group = lambda r: r.subject or r.key
+  names = sorted({group(r) for r in records if isinstance(r, Record)},
+                 key=lambda g: hashlib.md5(g.encode()).hexdigest())
+  n = max(1, round(fraction * len(names))) if len(names) > 1 else 0
+  held = set(names[:n])
+  keep = [r for r in records if not isinstance(r, Record) or group(r) not in held]
+  return keep, [r for r in records if isinstance(r, Record) and group(r) in held]
 
 
 def features() -> tfds.features.FeaturesDict:

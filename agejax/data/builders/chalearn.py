@@ -11,14 +11,19 @@ Manual directory layout (as the challenge distributed it, unpacked):
          test/*.jpg         test_gt.csv
 A header row is optional; the delimiter (",", ";" or tab) is detected.
 DLDL-v2's protocols: 2015 trains on train and reports on validation; 2016
-trains on train+validation and reports on test (see configs/).
+trains on train+validation and reports on test (see configs/). Split `holdout`
+(version 1.1.0) is 10% of the official train images, moved out of `train`, for
+checkpoint selection apart from the reported split (the images name no people).
 """
 
 from __future__ import annotations
 
 import os
 
-from agejax.data.builders.base import BadInputError, FaceBuilder, Record, file_loader, image_path, parse_float, read_csv
+import tensorflow_datasets as tfds
+
+from agejax.data.builders.base import (BadInputError, FaceBuilder, Record, file_loader, image_path, parse_float,
+                                      read_csv, split_off_holdout)
 
 LAYOUTS = {
     2015: {"train": ("Train", "Train.csv"), "validation": ("Validation", "Validation.csv")},
@@ -50,11 +55,14 @@ def gt_records(folder, csv_path, split_name):
 
 class _ChaLearn(FaceBuilder, skip_registration=True):
   YEAR = 0
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "A holdout split: 10% of train, for checkpoint selection."}
 
   def _split_records(self, manual_dir):
     out = {}
     for split, (folder, gt) in LAYOUTS[self.YEAR].items():
       out[split] = gt_records(os.fspath(manual_dir / folder), os.fspath(manual_dir / gt), split)
+    out["train"], out["holdout"] = split_off_holdout(out["train"])
     return out
 
 

@@ -11,6 +11,8 @@ Manual directory:
                                     release's CSV; split 80/20 by subject
                                     (id_num), deterministically, so one person
                                     never appears in train and test.
+Split `holdout` (version 1.1.0): 10% of the training subjects (id_num, or the
+file name's leading number), moved out of `train`, for checkpoint selection.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import os
 
+import tensorflow_datasets as tfds
+
 from agejax.data.builders.base import (BadInputError, FaceBuilder, Record, file_loader, image_path, parse_float,
-                                      read_csv, read_csv_with_header)
+                                      read_csv, read_csv_with_header, split_off_holdout)
 
 # MORPH race letters -> agejax's race index (White, Black, Asian, Indian, Other).
 RACE_CODES = {"W": 0, "B": 1, "A": 2, "I": 3, "H": 4, "O": 4}
@@ -41,7 +45,8 @@ def _list_records(images, path, split):
     except BadInputError as e:
       yield e
       continue
-    yield Record(key=f"{split}/{row[0]}", where=f"{where} ({p})", load=file_loader(p), age=age, sigma=sigma)
+    yield Record(key=f"{split}/{row[0]}", where=f"{where} ({p})", load=file_loader(p), age=age, sigma=sigma,
+                 subject=os.path.basename(row[0]).split("_")[0])
 
 
 def subject_split(subject: str) -> str:
@@ -73,11 +78,15 @@ def _meta_records(images, path, split):
     except BadInputError as e:
       yield e
       continue
-    yield Record(key=rel, where=f"{where} ({p})", load=file_loader(p), age=age, gender=gender, race=race)
+    yield Record(key=rel, where=f"{where} ({p})", load=file_loader(p), age=age, gender=gender, race=race,
+                 subject=subject)
 
 
 class Morph(FaceBuilder, skip_registration=True):
   """MORPH II with age (and gender and race from the metadata CSV)."""
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "A holdout split: 10% of the training subjects, for checkpoint selection."}
   REQUIRED_FILES = ("images/", "morph_train.csv + morph_test.csv, or morph.csv")
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Put MORPH II photos under images/ and its label files beside them: " + ", ".join(REQUIRED_FILES)
 
@@ -85,8 +94,11 @@ class Morph(FaceBuilder, skip_registration=True):
     images = os.fspath(manual_dir / "images")
     lists = {s: os.fspath(manual_dir / f"morph_{s}.csv") for s in ("train", "test")}
     if all(os.path.exists(p) for p in lists.values()):
-      return {s: _list_records(images, p, s) for s, p in lists.items()}
-    meta = os.fspath(manual_dir / "morph.csv")
-    if not os.path.exists(meta):
-      raise BadInputError(f"{manual_dir}: found neither morph_train.csv + morph_test.csv nor morph.csv.")
-    return {s: _meta_records(images, meta, s) for s in ("train", "test")}
+      out = {s: _list_records(images, p, s) for s, p in lists.items()}
+    else:
+      meta = os.fspath(manual_dir / "morph.csv")
+      if not os.path.exists(meta):
+        raise BadInputError(f"{manual_dir}: found neither morph_train.csv + morph_test.csv nor morph.csv.")
+      out = {s: _meta_records(images, meta, s) for s in ("train", "test")}
+    out["train"], out["holdout"] = split_off_holdout(out["train"])
+    return out

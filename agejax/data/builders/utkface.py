@@ -48,19 +48,31 @@ def split_table() -> dict[str, dict[str, str]]:
     return {r["filename"]: r for r in csv.DictReader(f)}
 
 
-def _split_of(row: dict[str, str], config: str) -> str | None:
+def coral_test_groups(table: dict[str, dict[str, str]]) -> set[str]:
+  return {r["group"] for r in table.values() if r["coral2019"] == "test"}
+
+
+def _split_of(row: dict[str, str], config: str, coral_test: set[str] = frozenset()) -> str | None:
+  """The split of a file under a config. coral2019: CORAL's test; validation = our val rows of CORAL's
+  train minus copies of test images (its train and test share 161 duplicate groups, the
+  published protocol; validation must not select on test faces); the rest of CORAL's train."""
   names = {"train": "train", "val": "validation", "test": "test"}
   if config == "default":
     return names[row["split"]]
   if row["coral2019"] == "test":
     return "test"
   if row["coral2019"] == "train":
-    return "validation" if row["split"] == "val" else "train"
+    if row["split"] == "val":
+      return None if row["group"] in coral_test else "validation"
+    return "train"
   return None
 
 
 class Utkface(FaceBuilder, skip_registration=True):
   """UTKFace aligned & cropped faces with age, gender and race (non-commercial research only)."""
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "coral2019: validation no longer holds copies of test images (26 duplicate groups)."}
 
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="default", description="Duplicate-safe train/validation/test split."),
@@ -76,6 +88,7 @@ class Utkface(FaceBuilder, skip_registration=True):
     return {s: self._records(archive, table, s) for s in splits}
 
   def _records(self, archive, table, split):
+    coral_test = coral_test_groups(table)
     with tarfile.open(archive, "r:gz") as tar:
       for i, member in enumerate(tar):
         if not member.isfile():
@@ -87,7 +100,7 @@ class Utkface(FaceBuilder, skip_registration=True):
           if split == "train":  # report unknown files once, not once per split
             yield BadInputError(f"{where}: not in agejax's UTKFace split table (is this the official archive?).")
           continue
-        if _split_of(row, self.builder_config.name) != split:
+        if _split_of(row, self.builder_config.name, coral_test) != split:
           continue
         try:
           age, gender, race = parse_name(name)
