@@ -40,6 +40,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from agejax import hugepages
-  hugepages.reexec_with_hugepages()  # once, before JAX loads
+  from agejax import cli
+  cli.start_process()  # XLA flags and huge pages, before JAX loads
   app.run(main)

@@ -145,5 +145,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  hugepages.reexec_with_hugepages()  # once, as train.py does
+  from agejax import cli
+  cli.start_process()  # XLA flags and huge pages, as train.py does
   main()

@@ -1,8 +1,21 @@
-"""Process setup shared by the command-line tools."""
+"""Process setup shared by the command-line tools.
+
+Library imports change nothing global; the entry points (train.py, evaluate.py,
+predict.py, python -m agejax.bench / agejax.experiments) call `start_process()`
+first, then `setup_jax()`.
+"""
 
 from __future__ import annotations
 
 import os
+
+
+def start_process() -> None:
+  """Before JAX loads: agejax's XLA:CPU flags (`xla_cpu`), then the huge-pages re-execution
+  (`hugepages`), which inherits them. Standard library only."""
+  from agejax import hugepages, xla_cpu
+  xla_cpu.apply_defaults()
+  hugepages.reexec_with_hugepages()
 
 
 def setup_jax(config=None):

@@ -344,6 +344,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from agejax import hugepages
-  hugepages.reexec_with_hugepages()  # once; its train.py runs inherit the setting
+  from agejax import cli
+  cli.start_process()  # once; its train.py runs inherit the settings
   sys.exit(main())

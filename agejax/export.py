@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 FORMAT_VERSION = 1
+PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each, on any host: the artifact runs where the user has it
 
 
 def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None,
@@ -55,7 +56,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
 
   b, = jax_export.symbolic_shape("b")
   with native.disabled():  # portable: no machine-specific custom calls in the artifact
-    exp = jax_export.export(jax.jit(predict))(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
+    exp = jax_export.export(jax.jit(predict), platforms=PLATFORMS)(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "model.jaxexport"), "wb") as f:
     f.write(exp.serialize())
@@ -67,7 +68,8 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
       "model": config.model.name, "loss": config.loss.name, "dataset": config.dataset.name,
       "gender": bool(config.model.gender), "race": bool(config.model.race),
       "race_names": ["White", "Black", "Asian", "Indian", "Other"], "gender_names": ["male", "female"],
-      "chip": {"size": 200, "padding": CHIP_PADDING}, "weights_dtype": weights_dtype, **(provenance or {})}
+      "chip": {"size": 200, "padding": CHIP_PADDING}, "weights_dtype": weights_dtype,
+      "platforms": list(exp.platforms), **(provenance or {})}
   with open(os.path.join(out_dir, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return out_dir

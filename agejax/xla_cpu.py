@@ -6,9 +6,10 @@ map) that path ran at 3-13 GFLOP/s on a 2-core EPYC, single-threaded, against
 25-70 GFLOP/s for XLA's Eigen path. Keeping YNNPACK for dots only made the
 TinyAgeNet 64 px training step 2.6x faster (docs/RESULTS.md, "What helped").
 
-The flags only take effect if set before JAX creates its CPU client, so
-`agejax/__init__.py` applies them on import. A user's own setting of the same
-flag in XLA_FLAGS wins; AGEJAX_XLA_DEFAULTS=0 turns this off.
+The flags only take effect if set before JAX creates its CPU client, so the
+command-line entry points apply them first (`agejax.cli.start_process`); importing
+agejax does not. A user's own setting of the same flag in XLA_FLAGS wins;
+AGEJAX_XLA_DEFAULTS=0 turns this off.
 """
 
 from __future__ import annotations

@@ -361,3 +361,11 @@ def test_msa_on_vgg_trunks_sits_before_the_named_blocks_pool():
     models.create("tiny", msa_stages=(6,))
   with pytest.raises(ValueError, match="stages 1..4"):
     models.create("resnet18", msa_stages=(5,))
+
+
+def test_batch_norm_sums_ask_for_full_float32_products_on_every_backend():
+  """DEFAULT precision is TF32 on recent NVIDIA GPUs and bf16 passes on TPU: the statistics' dots say HIGHEST."""
+  from agejax.models import batch_norm
+  text = jax.jit(batch_norm.channel_sum).lower(jnp.ones((8, 4, 4, 16))).as_text()
+  dots = [l for l in text.splitlines() if "dot_general" in l]
+  assert dots and all("HIGHEST" in l for l in dots)

@@ -36,6 +36,7 @@ def test_exported_model_matches_the_checkpoint(exported):
   trainer, state, path = exported
   model = export.load(path)
   assert model.meta["gender"] and model.meta["race"] and model.image_size == 32
+  assert tuple(model._exported.platforms) == ("cpu", "cuda", "tpu") == tuple(model.meta["platforms"])
   preds = trainer.predict_split(state, "test")  # flip-averaged, as the export
   src = trainer.builder.as_data_source("test")
   from agejax.data.pipeline import decode_face

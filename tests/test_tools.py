@@ -168,10 +168,31 @@ def test_xla_cpu_defaults_respect_the_user():
 
 
 def test_xla_cpu_defaults_are_live_in_this_process():
-  """agejax's import set the flag before JAX made its CPU client (tests import agejax first)."""
+  """conftest set the flag before JAX made its CPU client, as the command-line tools do."""
   import os
   from agejax import xla_cpu
   assert xla_cpu.YNN_FLAG in os.environ.get("XLA_FLAGS", "")
+
+
+def test_importing_agejax_changes_no_global_state():
+  import subprocess
+  import sys
+  code = """
+import json, os, sys
+before = dict(os.environ)
+import jax
+config_before = {k: getattr(jax.config, k) for k in ("jax_platforms", "jax_enable_x64", "jax_cpu_collectives_implementation")}
+import agejax, agejax.ldl, agejax.losses, agejax.metrics, agejax.models, agejax.train_lib, agejax.export, agejax.pretrained
+config_after = {k: getattr(jax.config, k) for k in config_before}
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print(json.dumps({"env": changed, "config": config_before == config_after, "backends": jax._src.xla_bridge._backends == {}}))
+"""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  p = subprocess.run([sys.executable, "-c", code], cwd=experiments.ROOT, env=env, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  out = __import__("json").loads(p.stdout.strip().splitlines()[-1])
+  assert out == {"env": [], "config": True, "backends": True}
 
 
 def test_suite_entries_configure_what_their_names_say():

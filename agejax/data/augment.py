@@ -12,10 +12,11 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MEAN = (0.5958, 0.4637, 0.4065)
 STD = (0.2693, 0.2409, 0.2352)
-_LUMA = jnp.array([0.299, 0.587, 0.114])
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # numpy: importing creates no JAX backend
 
 DEFAULTS = {"flip": 0.5, "grayscale": 0.5, "rescale": True, "rotate": 15.0, "color_jitter": 0.4, "translate": 0.0}
 
