@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from agejax import faces as faces_lib
+from agejax import ldl
 from agejax.export import ExportedModel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -63,29 +64,22 @@ def annotation_paths(inputs: Iterable[str], out_dir: str) -> dict[str, str]:
 
 
 MIN_FACE_PIXELS = 32  # an aligned chip smaller than this on a side holds no usable face
+MAX_HELD_PIXELS = 100_000_000  # photos kept (for --annotate) while their faces wait for a batch
 
 
 def _resize(chip: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(chip).resize((size, size), Image.BILINEAR))
 
 
-def _interval(probs: np.ndarray, grid: np.ndarray, mass: float = 0.9) -> tuple[float, float]:
-  cdf = np.cumsum(probs)
-  tail = (1 - mass) / 2
-  lo = grid[min(int(np.sum(cdf < tail - 1e-6)), len(grid) - 1)]
-  hi = grid[min(int(np.sum(cdf < 1 - tail - 1e-6)), len(grid) - 1)]
-  return float(lo), float(hi)
-
-
 def predict_faces(model: ExportedModel, chips: list[np.ndarray]) -> list[dict]:
-  """Predictions for aligned face chips."""
+  """Predictions for aligned face chips, in one pass of the network (batched by the model)."""
   if not chips:
     return []
   out = model.predict(np.stack([_resize(c, model.image_size) for c in chips]))
+  low, high = (np.asarray(v) for v in ldl.central_interval(out["probs"], model.grid, 0.9))
   results = []
   for i in range(len(chips)):
-    r = {"age": float(out["age"][i]), "std": float(out["std"][i]),
-         "interval90": _interval(out["probs"][i], model.grid)}
+    r = {"age": float(out["age"][i]), "std": float(out["std"][i]), "interval90": (float(low[i]), float(high[i]))}
     if "gender_probs" in out:
       g = out["gender_probs"][i]
       r["gender"] = {"label": model.meta["gender_names"][int(np.argmax(g))], "prob": float(np.max(g))}
@@ -97,25 +91,40 @@ def predict_faces(model: ExportedModel, chips: list[np.ndarray]) -> list[dict]:
 
 
 def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
-                  aligner: faces_lib.FaceAligner | None = None) -> Iterator[dict]:
-  """One record per file: {"file", "faces": [...]} or {"file", "error"}."""
+                  aligner: faces_lib.FaceAligner | None = None, batch_size: int = 32) -> Iterator[dict]:
+  """One record per file, in order: {"file", "width", "height", "faces": [...]} or {"file", "error"}.
+
+  The faces of consecutive files go through the network together, about `batch_size` at a time
+  (sooner when the photos waiting hold over MAX_HELD_PIXELS).
+  """
   if not aligned and aligner is None:
     aligner = faces_lib.FaceAligner()
+  pending: list[tuple[dict, list]] = []
+
+  def flush():
+    preds = iter(predict_faces(model, [f.chip for _, found in pending for f in found]))
+    for rec, found in pending:
+      if "error" not in rec:
+        rec["faces"] = [{"box": list(f.box), "detection_score": f.score, **next(preds)} for f in found]
+      yield rec
+    pending.clear()
+
   for path in paths:
     try:
       rgb = faces_lib.read_photo(path)
     except faces_lib.PhotoError as e:
-      yield {"file": path, "error": str(e)}
+      pending.append(({"file": path, "error": str(e)}, []))
       continue
     if aligned and min(rgb.shape[:2]) < MIN_FACE_PIXELS:
-      yield {"file": path, "error": f"{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small for a face chip "
-                                    f"(at least {MIN_FACE_PIXELS} on each side)."}
+      pending.append(({"file": path, "error": f"{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small for a "
+                                              f"face chip (at least {MIN_FACE_PIXELS} on each side)."}, []))
       continue
     found = [faces_lib.whole_image_face(rgb)] if aligned else aligner(rgb)
-    preds = predict_faces(model, [f.chip for f in found])
-    yield {"file": path, "width": rgb.shape[1], "height": rgb.shape[0],
-           "faces": [{"box": list(f.box), "detection_score": f.score, **p} for f, p in zip(found, preds)],
-           "_rgb": rgb}
+    pending.append(({"file": path, "width": rgb.shape[1], "height": rgb.shape[0], "_rgb": rgb}, found))
+    held = sum(r["width"] * r["height"] for r, _ in pending if "width" in r)
+    if sum(len(f) for _, f in pending) >= batch_size or held > MAX_HELD_PIXELS:
+      yield from flush()
+  yield from flush()
 
 
 def annotate(rgb: np.ndarray, faces: list[dict], out_path: str, overwrite: bool = False):

@@ -289,3 +289,10 @@ def test_seed_start_adds_seeds_to_an_entry(monkeypatch, tmp_path):
   assert experiments.main(args) == 0
   assert [(n, s) for n, s, _ in ran] == [("dldl_v2_seed1", 1), ("dldl_v2_seed2", 2)]
   assert "| DLDL-v2 (KL + L1 on the expectation) | 3 | 5.10 ± 0.10 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_predict_mode_counts_photos_and_faces():
+  pytest.importorskip("skimage")
+  from agejax import bench
+  r = bench.predict_rate(None, aligned=True, count=6)
+  assert (r["photos"], r["faces"], r["aligned"]) == (6, 6, True) and r["faces_per_s"] > 0
