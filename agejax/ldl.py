@@ -24,7 +24,20 @@ MIN_SIGMA = 1e-4
 
 
 def label_grid(start: float = 0, stop: float = 100, step: float = 1) -> jax.Array:
-  """The K label values start, start + step, ..., stop (inclusive), float32."""
+  """The label grid l_k = start + k * step, k = 0..K-1, with l_{K-1} = stop.
+
+  Args:
+    start: the first label (an age in years).
+    stop: the last label, inclusive; stop >= start.
+    step: the spacing, > 0.
+
+  Returns:
+    (K,) float32 grid, K = round((stop - start) / step) + 1.
+
+  References:
+    Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
+      Learning", IJCAI 2018 (the 0..100 grid of its experiments).
+  """
   if step <= 0:
     raise ValueError(f"label_grid: step must be positive, got {step}.")
   if stop < start:
@@ -38,24 +51,27 @@ def _f32(x) -> jax.Array:
 
 
 def gaussian_label_distribution(ages, sigmas, grid) -> jax.Array:
-  """Discretised Gaussian label distribution (DLDL eq. 1).
+  """Discretised Gaussian label distribution over the grid.
 
   p_k = exp(-(l_k - y)^2 / (2 sigma^2)) / sum_j exp(-(l_j - y)^2 / (2 sigma^2)).
 
+  Computed as a softmax of -(d^2 - min d^2) / (2 sigma^2), so a row never divides 0 by 0.
+  Sigma is clamped at `MIN_SIGMA`: as sigma -> 0 the result tends to the one-hot of the
+  nearest label, even for off-grid ages (an age exactly between two labels splits its
+  mass evenly). Ages outside the grid are not clipped: the Gaussian is truncated to the
+  grid and renormalised, so its mass piles up at the nearest end.
+
   Args:
-    ages: (...,) true (or mean apparent) ages y.
-    sigmas: scalar or (...,) standard deviations; ChaLearn gives one per image.
+    ages: (...,) true (or mean apparent) ages y, any float dtype.
+    sigmas: scalar or (...,) standard deviations (ChaLearn gives one per image).
     grid: (K,) label values.
 
   Returns:
     (..., K) float32 distribution, each row summing to 1.
 
-  Numerics: computed as a softmax of -(d^2 - min d^2) / (2 sigma^2), so the row
-  never divides 0 by 0. Sigma is clamped at `MIN_SIGMA`: as sigma -> 0 the result
-  tends to the one-hot of the nearest label, even for off-grid ages (an age
-  exactly between two labels splits its mass evenly). Ages outside the grid are
-  not clipped: the Gaussian is truncated to the grid and renormalised, so its
-  mass piles up at the nearest end (one-hot there for ages far outside).
+  References:
+    Gao, Xing, Xie, Wu, Geng, "Deep Label Distribution Learning With Label
+      Ambiguity", IEEE TIP 2017, Eq. 1.
   """
   ages, sigmas, grid = _f32(ages), _f32(sigmas), _f32(grid)
   sigmas = jnp.maximum(jnp.broadcast_to(sigmas, ages.shape), MIN_SIGMA)
@@ -65,17 +81,42 @@ def gaussian_label_distribution(ages, sigmas, grid) -> jax.Array:
 
 
 def ranking_targets(ages, grid) -> jax.Array:
-  """The K-1 ordinal targets 1[y > l_k], k = 0..K-2 (OR-CNN, CORAL), float32."""
+  """The K-1 ordinal targets t_k = 1[y > l_k], k = 0..K-2.
+
+  Args:
+    ages: (...,) ages y.
+    grid: (K,) label values.
+
+  Returns:
+    (..., K-1) float32 in {0, 1}.
+
+  References:
+    Niu, Zhou, Wang, Gao, Hua, "Ordinal Regression with Multiple Output CNN for Age
+    Estimation", CVPR 2016 (OR-CNN); Cao, Mirjalili, Raschka, "Rank Consistent Ordinal
+    Regression for Neural Networks", Pattern Recognit. Lett. 2020 (CORAL).
+  """
   ages, grid = _f32(ages), _f32(grid)
   return (ages[..., None] > grid[:-1]).astype(jnp.float32)
 
 
 def ranking_prior_logits(ages, grid, pseudo_count: float = 1.0) -> jax.Array:
-  """logit P(y > l_k), k = 0..K-2, over a set of ages (smoothed by `pseudo_count`).
+  """The label prior of K-1 ranking tasks: logit P(y > l_k) over a set of ages.
 
-  As the biases of a CORAL / OR-CNN head they start every image at the label
-  prior instead of at one shared logit for all K-1 tasks (zero biases), which
-  puts every first prediction at one end of the grid.
+  P(y > l_k) = (#{i : y_i > l_k} + c) / (N + 2c) with pseudo-count c. As the biases of a
+  CORAL / OR-CNN head they start every image at the prior instead of at one shared logit
+  for all tasks (zero biases put every first prediction at one end of the grid).
+
+  Args:
+    ages: (N,) training ages.
+    grid: (K,) label values.
+    pseudo_count: c >= 0, keeps the logits finite for tasks no age passes.
+
+  Returns:
+    (K-1,) float32 logits.
+
+  References:
+    Cao, Mirjalili, Raschka, Pattern Recognit. Lett. 2020 (CORAL; its code starts the
+    biases at zero, this is agejax's alternative).
   """
   targets = ranking_targets(ages, grid)
   p = (jnp.sum(targets, axis=0) + pseudo_count) / (targets.shape[0] + 2.0 * pseudo_count)
@@ -85,24 +126,72 @@ def ranking_prior_logits(ages, grid, pseudo_count: float = 1.0) -> jax.Array:
 def cumulative(probs) -> jax.Array:
   """The cumulative distribution F_k = sum_{j <= k} p_j over the last axis.
 
-  DLDL-v2 shows ranking is learning a label distribution: 1 - F_k over the first
-  K-1 labels equals P(y > l_k), which tends to `ranking_targets` as sigma -> 0.
+  1 - F_k over the first K-1 labels equals P(y > l_k), which tends to `ranking_targets`
+  as sigma -> 0: ranking is learning a label distribution.
+
+  Args:
+    probs: (..., K) distributions.
+
+  Returns:
+    (..., K) float32, non-decreasing along the last axis.
+
+  References:
+    Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
+      Learning", IJCAI 2018, Sec. 3.2.
   """
   return jnp.cumsum(_f32(probs), axis=-1)
 
 
 def expectation(probs, grid) -> jax.Array:
-  """The expectation layer: y_hat = sum_k p_k l_k (DLDL-v2, eq. 6). Parameter free."""
+  """The expectation layer: y_hat = sum_k p_k l_k. Parameter free.
+
+  Args:
+    probs: (..., K) distributions over the grid.
+    grid: (K,) label values.
+
+  Returns:
+    (...,) float32 expected ages.
+
+  References:
+    Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
+      Learning", IJCAI 2018, Eq. 6.
+  """
   return jnp.sum(_f32(probs) * _f32(grid), axis=-1)
 
 
 def expectation_from_logits(logits, grid) -> jax.Array:
-  """`expectation(softmax(logits), grid)`."""
+  """The expectation layer on logits: sum_k softmax(z)_k l_k.
+
+  Args:
+    logits: (..., K) unnormalised scores z.
+    grid: (K,) label values.
+
+  Returns:
+    (...,) float32 expected ages.
+
+  References:
+    Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
+      Learning", IJCAI 2018, Eq. 6.
+  """
   return expectation(jax.nn.softmax(_f32(logits), axis=-1), grid)
 
 
 def distribution_std(probs, grid) -> jax.Array:
-  """Standard deviation of a distribution over the grid: the per-image uncertainty."""
+  """The standard deviation of a distribution over the grid: sqrt(sum_k p_k (l_k - y_hat)^2).
+
+  agejax reports it as each prediction's uncertainty.
+
+  Args:
+    probs: (..., K) distributions.
+    grid: (K,) label values.
+
+  Returns:
+    (...,) float32 standard deviations (>= 0).
+
+  References:
+    Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
+      Learning", IJCAI 2018 (the expectation y_hat, Eq. 6).
+  """
   probs, grid = _f32(probs), _f32(grid)
   mean = expectation(probs, grid)
   var = jnp.sum(probs * (grid - mean[..., None]) ** 2, axis=-1)
@@ -110,14 +199,38 @@ def distribution_std(probs, grid) -> jax.Array:
 
 
 def quantile(probs, grid, q) -> jax.Array:
-  """The q-quantile of a distribution over the grid (the first l_k with F_k >= q)."""
+  """The q-quantile of a distribution over the grid: the first l_k with F_k >= q.
+
+  Args:
+    probs: (..., K) distributions.
+    grid: (K,) label values.
+    q: scalar or (...,) levels in [0, 1].
+
+  Returns:
+    (...,) float32 labels from the grid.
+
+  References:
+    The discrete quantile function; see `cumulative`.
+  """
   cdf = cumulative(probs)
   idx = jnp.sum(cdf < jnp.asarray(q, jnp.float32) - 1e-6, axis=-1)
   return _f32(grid)[jnp.clip(idx, 0, cdf.shape[-1] - 1)]
 
 
 def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Array]:
-  """The central interval holding `mass` of the distribution: (low, high)."""
+  """The central interval holding `mass` of a distribution: (q_{(1-mass)/2}, q_{(1+mass)/2}).
+
+  Args:
+    probs: (..., K) distributions.
+    grid: (K,) label values.
+    mass: the probability inside, in (0, 1); 0.9 gives the 90% interval.
+
+  Returns:
+    (low, high), each (...,) float32 labels from the grid.
+
+  References:
+    The equal-tailed interval of the predicted distribution; see `quantile`.
+  """
   if not 0.0 < mass < 1.0:
     raise ValueError(f"central_interval: mass must be in (0, 1), got {mass}.")
   tail = (1.0 - mass) / 2.0
@@ -125,5 +238,17 @@ def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Arr
 
 
 def nearest_label_index(ages, grid) -> jax.Array:
-  """Index of the grid label nearest each age (int32)."""
+  """The index of the grid label nearest each age: argmin_k |l_k - y|.
+
+  Args:
+    ages: (...,) ages.
+    grid: (K,) label values.
+
+  Returns:
+    (...,) int32 indices in [0, K).
+
+  References:
+    Rothe, Timofte, Van Gool, "Deep Expectation of Real and Apparent Age from a Single
+    Image Without Facial Landmarks", IJCV 2018 (DEX's one-hot target).
+  """
   return jnp.argmin(jnp.abs(_f32(grid) - _f32(ages)[..., None]), axis=-1).astype(jnp.int32)
