@@ -87,42 +87,45 @@ def whole_image_face(rgb: np.ndarray) -> Face:
   return Face((left, top, left + s, top + s), 1.0, chip)
 
 
+def _one_face_chips(archive: str, aligner: "FaceAligner", count: int):
+  """(image, 5-point shape) of the first `count` images in a UTKFace archive with exactly one detected face."""
+  import io
+  import tarfile
+
+  found = 0
+  with tarfile.open(archive) as tar:
+    for m in tar:
+      if found >= count:
+        return
+      if not m.isfile():
+        continue
+      img = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+      rects = aligner.detector(img, 1)
+      if len(rects) == 1:
+        found += 1
+        yield img, aligner.predictor(img, rects[0])
+
+
+def _eye_centres(shape) -> np.ndarray:
+  pts = np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], float)
+  return np.array([pts[0:2].mean(0), pts[2:4].mean(0)])
+
+
 def calibrate_padding(archive: str, count: int = 60, paddings=(0.15, 0.185, 0.19, 0.2, 0.25)) -> dict:
   """Eye positions of UTKFace chips and of the same chips re-aligned at each padding.
 
   The padding whose eye distance and height match the originals' reproduces
   UTKFace's framing for new photos.
   """
-  import io
-  import tarfile
-
   aligner = FaceAligner()
-
-  def eyes(img):
-    rects = aligner.detector(img, 1)
-    if len(rects) != 1:
-      return None, None
-    s = aligner.predictor(img, rects[0])
-    pts = np.array([[s.part(i).x, s.part(i).y] for i in range(5)], float)
-    return np.array([pts[0:2].mean(0), pts[2:4].mean(0)]), s
-
   orig, per_pad = [], {p: [] for p in paddings}
-  with tarfile.open(archive) as tar:
-    for m in tar:
-      if len(orig) >= count:
-        break
-      if not m.isfile():
-        continue
-      img = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
-      e, shape = eyes(img)
-      if e is None:
-        continue
-      orig.append(e)
-      for p in paddings:
-        chip = np.asarray(aligner.dlib.get_face_chip(img, shape, size=200, padding=p))
-        e2, _ = eyes(chip)
-        if e2 is not None:
-          per_pad[p].append(e2)
+  for img, shape in _one_face_chips(archive, aligner, count):
+    orig.append(_eye_centres(shape))
+    for p in paddings:
+      chip = np.asarray(aligner.dlib.get_face_chip(img, shape, size=200, padding=p))
+      rects = aligner.detector(chip, 1)
+      if len(rects) == 1:
+        per_pad[p].append(_eye_centres(aligner.predictor(chip, rects[0])))
 
   def describe(v):
     v = np.asarray(v)
@@ -139,27 +142,16 @@ def chip_framing(archive: str, size: int = 150, padding: float = 0.25, count: in
   For dlib's face ResNet (size 150, padding 0.25) this says how UTKFace's framing relates
   to the framing the network was trained on.
   """
-  import io
-  import tarfile
-
   aligner = FaceAligner()
   boxes, angles = [], []
-  with tarfile.open(archive) as tar:
-    for m in tar:
-      if len(boxes) >= count:
-        break
-      if not m.isfile():
-        continue
-      img = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
-      rects = aligner.detector(img, 1)
-      if len(rects) != 1:
-        continue
-      d = aligner.dlib.get_face_chip_details(aligner.predictor(img, rects[0]), size=size, padding=padding)
-      boxes.append([d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()])
-      angles.append(abs(d.angle))
+  for _, shape in _one_face_chips(archive, aligner, count):
+    d = aligner.dlib.get_face_chip_details(shape, size=size, padding=padding)
+    boxes.append([d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()])
+    angles.append(abs(d.angle))
   b = np.asarray(boxes, float)
   return {"n": len(b), "box": b.mean(0).round(1).tolist(), "box_std": b.std(0).round(1).tolist(),
-          "side": round(float((b[:, 2] - b[:, 0]).mean()), 1), "mean_abs_angle_deg": round(float(np.degrees(np.mean(angles))), 2)}
+          "side": round(float((b[:, 2] - b[:, 0]).mean()), 1),
+          "mean_abs_angle_deg": round(float(np.degrees(np.mean(angles))), 2)}
 
 
 if __name__ == "__main__":
