@@ -54,3 +54,81 @@ def test_api_page_matches_the_docstrings():
 if __name__ == "__main__":
   with open(os.path.join(ROOT, "docs", "api.md"), "w") as f:
     f.write(render_api())
+
+
+# ------------------------------------------------------------------ README commands
+
+def _readme_commands():
+  """Every `python ...` command in README.md's bash and console blocks and inline code, as token lists."""
+  import re
+  import shlex
+  text = open(os.path.join(ROOT, "README.md")).read()
+  commands = []
+  blocks = re.findall(r"```(?:bash|console)\n(.*?)```", text, re.S)
+  blocks += re.findall(r"`(python [^`\n]+)`", text)  # commands in tables and prose
+  for block in blocks:
+    joined = re.sub(r"\\\n\s*", " ", block)
+    for line in joined.splitlines():
+      line = line.strip()
+      if line.startswith("$ "):
+        line = line[2:]
+      line = line.split(" #")[0].split(" > ")[0].strip()
+      tokens = shlex.split(line) if line else []
+      while tokens and "=" in tokens[0] and not tokens[0].startswith("-"):
+        tokens = tokens[1:]  # VAR=value prefixes
+      if tokens[:1] in (["python"], ["python3"]):
+        commands.append(tokens[1:])
+  return commands
+
+
+def _defined_flags(source_path):
+  import re
+  src = open(source_path).read()
+  names = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", src)) | set(re.findall(r"add_argument\(\s*\"--(\w+)\"", src))
+  return names | {"help", "helpfull"}
+
+
+def _check_config(spec, overrides):
+  import importlib.util
+  path, _, variants = spec.partition(":")
+  assert os.path.exists(os.path.join(ROOT, path)), path
+  module_spec = importlib.util.spec_from_file_location("readme_cfg", os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variants or None)  # an unknown variant raises
+  for key in overrides:
+    node = config
+    for part in key.split("."):
+      node = node[part]  # an unknown key raises
+
+
+def test_readme_commands_name_what_exists():
+  import importlib.util
+  commands = _readme_commands()
+  assert len(commands) > 20
+  for tokens in commands:
+    if tokens[:2] == ["-m", "pytest"]:
+      continue
+    if tokens[0] == "-m":
+      module = tokens[1]
+      found = importlib.util.find_spec(module)
+      assert found is not None, f"README runs python -m {module}, which does not exist"
+      source, args = found.origin, tokens[2:]
+    else:
+      source, args = os.path.join(ROOT, tokens[0]), tokens[1:]
+      assert os.path.exists(source), f"README runs {tokens[0]}, which does not exist"
+    flags = _defined_flags(source)
+    spec, overrides = None, []
+    for i, token in enumerate(args):
+      if not token.startswith("--"):
+        continue
+      name = token[2:].split("=")[0]
+      if name.startswith("config."):
+        overrides.append(name[len("config."):])
+      elif name == "config":
+        spec = token.split("=", 1)[1] if "=" in token else args[i + 1]
+      else:
+        assert name in flags or (name.startswith("no") and name[2:] in flags), \
+            f"README: {' '.join(tokens)}: {token} is not a flag of {os.path.relpath(source, ROOT)}"
+    if spec:
+      _check_config(spec, overrides)

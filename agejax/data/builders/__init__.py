@@ -25,7 +25,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def default_data_dir() -> str:
-  return os.environ.get("AGEJAX_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+  return os.environ.get("AGEJAX_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")  # empty counts as unset
 
 
 def get_builder(name: str, config: str | None = None, data_dir: str | None = None, **kwargs) -> FaceBuilder:
