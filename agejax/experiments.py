@@ -88,6 +88,8 @@ SUITES = {
     "utkface_face": {
         "dldl_v2": ("configs/utkface.py:face_resnet,dldl_v2", "DLDL-v2, face-pretrained trunk"),
         "dldl_v2_scratch": ("configs/utkface.py:scratch,dldl_v2", "DLDL-v2, same network from random init"),
+        "multitask": ("configs/utkface.py:face_resnet,dldl_v2,multitask",
+                      "DLDL-v2 + gender and race heads, face-pretrained trunk"),
         "dldl_v2_bn": ("configs/utkface.py:face_resnet_bn,dldl_v2",
                        "DLDL-v2, face-pretrained, affine layers turned into batch norm"),
         "dex": ("configs/utkface.py:face_resnet,dex", "DEX, face-pretrained trunk"),

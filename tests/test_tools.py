@@ -296,3 +296,21 @@ def test_bench_predict_mode_counts_photos_and_faces():
   from agejax import bench
   r = bench.predict_rate(None, aligned=True, count=6)
   assert (r["photos"], r["faces"], r["aligned"]) == (6, 6, True) and r["faces_per_s"] > 0
+
+
+def test_face_suite_entries_configure_what_their_names_say():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("utk_cfg2", os.path.join(experiments.ROOT, "configs", "utkface.py"))
+  cfg_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg_module)
+  for name, (arg, _) in experiments.SUITES["utkface_face"].items():
+    config_arg, *overrides = arg.split(" ")
+    c = cfg_module.get_config(config_arg.split(":", 1)[1])
+    assert c.model.name == "face_resnet" and c.image_size == 150, name
+    assert (c.model.pretrained == "") == name.endswith("_scratch"), name
+    assert (c.model.norm == "batch") == (name.endswith("_scratch") or name.endswith("_bn")), name
+    assert (c.model.gender and c.model.race) == (name.startswith("mtmsa") or name == "multitask"), name
+    assert any("msa_stages" in o for o in overrides) == (name == "mtmsa"), name
+    assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
+    expected_loss = "gaussian_nll" if name.startswith(("mtmsa", "gaussian")) else "dex" if name == "dex" else "dldl_v2"
+    assert c.loss.name == expected_loss, name
