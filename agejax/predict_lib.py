@@ -17,7 +17,7 @@ from agejax import ldl
 from agejax.export import ExportedModel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "utkface_tiny")
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "utkface_face_resnet")
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
