@@ -384,7 +384,7 @@ class _StopSignals:
     self.previous = {}
     self.multihost = jax.process_count() > 1
 
-  def __enter__(self):
+  def install(self) -> "_StopSignals":
     if not self.multihost and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self.previous[sig] = signal.signal(sig, self._handle)
@@ -402,7 +402,7 @@ class _StopSignals:
         return False
     return self.signum != 0
 
-  def __exit__(self, *exc):
+  def restore(self) -> None:
     for sig, handler in self.previous.items():
       signal.signal(sig, handler)
 
@@ -465,9 +465,8 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
           f"The last good checkpoint is step {last} in {os.path.join(workdir, 'checkpoints')} (left intact). "
           "Lower config.optimizer.learning_rate, set config.optimizer.grad_clip, or check the data.")
 
-  stop = _StopSignals()
+  stop = _StopSignals().install()
   try:
-    stop.__enter__()
     while step < trainer.num_steps:
       if stop.requested(step):
         check_finite(step)
@@ -508,7 +507,7 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
           best_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                         metrics={"val_mae": float(summary["mae"])})
   finally:
-    stop.__exit__()
+    stop.restore()
     progress.close()
     last_mgr.wait_until_finished()
     last_mgr.close()
