@@ -4,12 +4,18 @@
     python predict.py --workdir runs/utk_tiny photos/ --json # a model you trained (after export)
     python predict.py --aligned --csv chips/                 # images that already are face chips
     python predict.py photos/ --annotate annotated/          # draw boxes and ages
+    python predict.py clip.mp4 --every 5 --annotate out/     # videos: one age per tracked person
 
 Per face: box, predicted age, the distribution's std and 90% interval, and
 gender / race with probabilities for multi-task models. Unreadable files are
 reported and skipped; in --csv mode every file gets a row with its status
 (ok, no face, error). Annotated copies never replace an input or an existing
 file (unless --overwrite).
+
+Videos (agejax[video]): faces every --every-th frame, tracked across frames, and each track's
+distributions averaged (agejax.video); one line per track, --json gives tracks and every
+sampled frame, --csv a table of its own after the photos' (one row per face per sampled
+frame, with its track's age), --annotate an MP4 with each track's age.
 
 Exit status: 0 every file answered, 1 some files failed, 2 nothing to do
 (no images found, or the model could not be loaded).
@@ -31,9 +37,8 @@ flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
 flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
-
-CSV_HEADER = ["file", "status", "face", "left", "top", "right", "bottom", "age", "std", "low90", "high90",
-              "gender", "gender_prob", "race", "race_prob", "message"]
+flags.DEFINE_integer("every", 0, "Videos: look for faces in every Nth frame (0: about 5 frames a second).",
+                     lower_bound=0)
 
 
 def main(argv):
@@ -41,9 +46,7 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   if not paths:
-    raise app.UsageError("Name at least one photo or folder.")
-  from tqdm import tqdm
-
+    raise app.UsageError("Name at least one photo, video or folder.")
   from agejax import export, predict_lib
   model_dir = FLAGS.model or (os.path.join(FLAGS.workdir, "export") if FLAGS.workdir else predict_lib.DEFAULT_MODEL)
   try:
@@ -55,54 +58,91 @@ def main(argv):
     return 2
   files = predict_lib.expand_paths(paths)
   if not files:
-    print(f"error: no images ({', '.join(predict_lib.IMAGE_EXTENSIONS)}) in {', '.join(paths)}.", file=sys.stderr)
+    print(f"error: no images or videos ({', '.join(predict_lib.IMAGE_EXTENSIONS + predict_lib.VIDEO_EXTENSIONS)}) "
+          f"in {', '.join(paths)}.", file=sys.stderr)
     return 2
   targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
+  from agejax import video
+  videos = [f for f in files if video.is_video(f)]
+  files = [f for f in files if not video.is_video(f)]
+  errors = 0
   try:
-    records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned)
-    writer = None
-    if FLAGS.csv:
-      writer = csv.writer(sys.stdout)
-      writer.writerow(CSV_HEADER)
-    errors = 0
-    for rec in tqdm(records, total=len(files), unit="file", disable=len(files) < 5, file=sys.stderr):
-      rgb = rec.pop("_rgb", None)
-      if "error" not in rec and FLAGS.annotate:
-        try:
-          predict_lib.annotate(rgb, rec["faces"], targets[rec["file"]], overwrite=FLAGS.overwrite)
-        except (FileExistsError, OSError) as e:
-          rec["error"] = str(e)
-      if "error" in rec:
-        errors += 1
-        print(f"error: {rec['error']}", file=sys.stderr)
-        if FLAGS.json:
-          print(json.dumps(rec))
-        elif writer:
-          writer.writerow([rec["file"], "error"] + [""] * (len(CSV_HEADER) - 3) + [rec["error"]])
-        continue
-      if FLAGS.json:
-        print(json.dumps(rec))
-      elif writer:
-        if not rec["faces"]:
-          writer.writerow([rec["file"], "no face"] + [""] * (len(CSV_HEADER) - 2))
-        for i, f in enumerate(rec["faces"]):
-          g, r = f.get("gender", {}), f.get("race", {})
-          writer.writerow([rec["file"], "ok", i, *f["box"], f"{f['age']:.2f}", f"{f['std']:.2f}", *f["interval90"],
-                           g.get("label", ""), f"{g['prob']:.3f}" if g else "", r.get("label", ""),
-                           f"{r['prob']:.3f}" if r else "", ""])
-      else:
-        if not rec["faces"]:
-          print(f"{rec['file']}: no face found")
-        for i, f in enumerate(rec["faces"]):
-          extra = "".join(f", {k} {f[k]['label']} ({f[k]['prob']:.0%})" for k in ("gender", "race") if k in f)
-          print(f"{rec['file']} face {i} box {tuple(f['box'])}: age {f['age']:.1f} +- {f['std']:.1f} "
-                f"(90%: {f['interval90'][0]:g}-{f['interval90'][1]:g}){extra}")
+    if files:
+      errors += _photos(model, files, targets)
+    if videos:
+      errors += _videos(model, videos, targets)
   except ImportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  total = len(files) + len(videos)
   if errors:
-    print(f"{errors} of {len(files)} files failed.", file=sys.stderr)
+    print(f"{errors} of {total} files failed.", file=sys.stderr)
   return 1 if errors else 0
+
+
+def _videos(model, paths, targets) -> int:
+  """Each video's tracks, as --json / --csv / text say; the number that failed."""
+  from agejax import faces, video
+  aligner = faces.FaceAligner()
+  writer = None
+  if FLAGS.csv:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(video.CSV_HEADER)
+  errors = 0
+  for path in paths:
+    try:
+      result = video.analyse(model, path, every=FLAGS.every, aligner=aligner, progress=True)
+      if FLAGS.annotate:
+        video.annotate(result, os.path.splitext(targets[path])[0] + ".mp4", overwrite=FLAGS.overwrite)
+    except (video.VideoError, FileExistsError, OSError) as e:
+      errors += 1
+      print(f"error: {e}", file=sys.stderr)
+      if FLAGS.json:
+        print(json.dumps({"file": path, "error": str(e)}))
+      continue
+    if FLAGS.json:
+      print(json.dumps(result))
+    elif writer:
+      writer.writerows(video.csv_rows(result))
+    else:
+      if not result["tracks"]:
+        print(f"{path}: no face found in {len(result['frame_faces'])} sampled frames")
+      for t in result["tracks"]:
+        print(f"{path} {video.describe_track(t)}")
+  return errors
+
+
+def _photos(model, files, targets) -> int:
+  """Each photo's faces, as --json / --csv / text say; the number of files that failed."""
+  from tqdm import tqdm
+
+  from agejax import predict_lib
+  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned)
+  writer = None
+  if FLAGS.csv:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(predict_lib.CSV_HEADER)
+  errors = 0
+  for rec in tqdm(records, total=len(files), unit="file", disable=len(files) < 5, file=sys.stderr):
+    rgb = rec.pop("_rgb", None)
+    if "error" not in rec and FLAGS.annotate:
+      try:
+        predict_lib.annotate(rgb, rec["faces"], targets[rec["file"]], overwrite=FLAGS.overwrite)
+      except (FileExistsError, OSError) as e:
+        rec["error"] = str(e)
+    if "error" in rec:
+      errors += 1
+      print(f"error: {rec['error']}", file=sys.stderr)
+    if FLAGS.json:
+      print(json.dumps(rec))
+    elif writer:
+      writer.writerows(predict_lib.csv_rows(rec))
+    elif "error" not in rec:
+      if not rec["faces"]:
+        print(f"{rec['file']}: no face found")
+      for i, f in enumerate(rec["faces"]):
+        print(f"{rec['file']} face {i} box {tuple(f['box'])}: {predict_lib.describe_face(f)}")
+  return errors
 
 
 if __name__ == "__main__":

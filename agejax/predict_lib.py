@@ -17,16 +17,18 @@ from agejax import ldl
 from agejax.export import ExportedModel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "utkface_face_resnet")
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
-  """Files as given; folders walked (sorted) for image files."""
+  """Files as given; folders walked (sorted) for image and video files."""
   out = []
   for p in paths:
     if os.path.isdir(p):
       for root, _, files in sorted(os.walk(p)):
-        out += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        out += [os.path.join(root, f) for f in sorted(files)
+                if f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)]
     else:
       out.append(p)
   return out
@@ -71,8 +73,13 @@ def _resize(chip: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(Image.fromarray(chip).resize((size, size), Image.BILINEAR))
 
 
-def predict_faces(model: ExportedModel, chips: list[np.ndarray]) -> list[dict]:
-  """Predictions for aligned face chips, in one pass of the network (batched by the model)."""
+def predict_faces(model: ExportedModel, chips: list[np.ndarray], distributions: bool = False) -> list[dict]:
+  """Predictions for aligned face chips, in one pass of the network (batched by the model).
+
+  Each: age, std, interval90, and gender / race {label, prob} where the model has them;
+  with `distributions`, also "probs" (the age distribution over `model.grid`, float32) and
+  "gender_probs" / "race_probs" (every class).
+  """
   if not chips:
     return []
   out = model.predict(np.stack([_resize(c, model.image_size) for c in chips]))
@@ -86,13 +93,19 @@ def predict_faces(model: ExportedModel, chips: list[np.ndarray]) -> list[dict]:
     if "race_probs" in out:
       p = out["race_probs"][i]
       r["race"] = {"label": model.meta["race_names"][int(np.argmax(p))], "prob": float(np.max(p))}
+    if distributions:
+      r["probs"] = out["probs"][i]
+      r.update({k: out[k][i] for k in ("gender_probs", "race_probs") if k in out})
     results.append(r)
   return results
 
 
 def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
-                  aligner: faces_lib.FaceAligner | None = None, batch_size: int = 32) -> Iterator[dict]:
-  """One record per file, in order: {"file", "width", "height", "faces": [...]} or {"file", "error"}.
+                  aligner: faces_lib.FaceAligner | None = None, batch_size: int = 32,
+                  distributions: bool = False) -> Iterator[dict]:
+  """One record per file, in order: {"file", "width", "height", "faces": [...], "_rgb"} or
+  {"file", "error"}; faces as predict_faces(..., distributions) gives them, with "box" and
+  "detection_score". "_rgb" is the decoded photo (pop it before writing the record out).
 
   The faces of consecutive files go through the network together, about `batch_size` at a time
   (sooner when the photos waiting hold over MAX_HELD_PIXELS).
@@ -102,7 +115,7 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
   pending: list[tuple[dict, list]] = []
 
   def flush():
-    preds = iter(predict_faces(model, [f.chip for _, found in pending for f in found]))
+    preds = iter(predict_faces(model, [f.chip for _, found in pending for f in found], distributions))
     for rec, found in pending:
       if "error" not in rec:
         rec["faces"] = [{"box": list(f.box), "detection_score": f.score, **next(preds)} for f in found]
@@ -127,22 +140,57 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
   yield from flush()
 
 
-def annotate(rgb: np.ndarray, faces: list[dict], out_path: str, overwrite: bool = False):
-  """Write the photo with a box and 'age +- std' over each face; FileExistsError where out_path
-  exists and overwrite is False."""
-  if os.path.exists(out_path) and not overwrite:
-    raise FileExistsError(f"{out_path} exists; not overwritten (pass --overwrite to replace it).")
+CSV_HEADER = ["file", "status", "face", "left", "top", "right", "bottom", "age", "std", "low90", "high90",
+              "gender", "gender_prob", "race", "race_prob", "message"]
+
+
+def csv_rows(record: dict) -> list[list]:
+  """CSV_HEADER rows for one predict_files record: one per face, or one saying "no face" / "error"."""
+  if "error" in record:
+    return [[record["file"], "error"] + [""] * (len(CSV_HEADER) - 3) + [record["error"]]]
+  if not record["faces"]:
+    return [[record["file"], "no face"] + [""] * (len(CSV_HEADER) - 2)]
+  rows = []
+  for i, f in enumerate(record["faces"]):
+    g, r = f.get("gender", {}), f.get("race", {})
+    rows.append([record["file"], "ok", i, *f["box"], f"{f['age']:.2f}", f"{f['std']:.2f}", *f["interval90"],
+                 g.get("label", ""), f"{g['prob']:.3f}" if g else "", r.get("label", ""),
+                 f"{r['prob']:.3f}" if r else "", ""])
+  return rows
+
+
+def describe_face(face: dict) -> str:
+  """'age 25.9 +- 6.7 (90%: 16-37), gender female (92%), race White (97%)'."""
+  extra = "".join(f", {k} {face[k]['label']} ({face[k]['prob']:.0%})" for k in ("gender", "race") if k in face)
+  return (f"age {face['age']:.1f} +- {face['std']:.1f} "
+          f"(90%: {face['interval90'][0]:g}-{face['interval90'][1]:g}){extra}")
+
+
+def draw_faces(rgb: np.ndarray, faces: list[dict], numbers: bool = False) -> Image.Image:
+  """The photo with a box and 'age +- std' (and gender's initial) over each face; with `numbers`,
+  each label starts with the face's index ("0: 26 +- 7 F"), and a face with a "track" (videos)
+  with its track ("#3 26 +- 7 F")."""
   img = Image.fromarray(rgb)
   draw = ImageDraw.Draw(img)
   width = max(2, img.width // 300)
-  for f in faces:
+  for i, f in enumerate(faces):
     l, t, r, b = f["box"]
     draw.rectangle([l, t, r, b], outline=(255, 64, 64), width=width)
-    label = f"{f['age']:.0f} +- {f['std']:.0f}"
+    prefix = f"{i}: " if numbers else f"#{f['track']} " if "track" in f else ""
+    label = prefix + f"{f['age']:.0f} +- {f['std']:.0f}"
     if "gender" in f:
       label += f" {f['gender']['label'][0].upper()}"
     tw = draw.textlength(label)
     draw.rectangle([l, max(t - 14, 0), l + tw + 6, max(t, 14)], fill=(255, 64, 64))
     draw.text((l + 3, max(t - 13, 1)), label, fill=(255, 255, 255))
+  return img
+
+
+def annotate(rgb: np.ndarray, faces: list[dict], out_path: str, overwrite: bool = False):
+  """Write draw_faces(rgb, faces) to out_path; FileExistsError where out_path exists and overwrite
+  is False."""
+  if os.path.exists(out_path) and not overwrite:
+    raise FileExistsError(f"{out_path} exists; not overwritten (pass --overwrite to replace it).")
+  img = draw_faces(rgb, faces)
   os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
   img.save(out_path)
