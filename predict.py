@@ -37,6 +37,12 @@ flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
 flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
+flags.DEFINE_enum("detector", "hog", ["hog", "cnn", "auto"], "Face detector: hog (fast), cnn (finds more small, "
+                  "gray and old-print faces; 20-80x slower), auto (hog, then cnn on photos where hog finds none).")
+flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
+                     "each step about 4x slower).", lower_bound=0, upper_bound=3)
+flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core beyond the first, "
+                     "for 4 or more photos; 0: detect in this process).", lower_bound=0)
 flags.DEFINE_integer("every", 0, "Videos: look for faces in every Nth frame (0: about 5 frames a second).",
                      lower_bound=0)
 
@@ -83,7 +89,7 @@ def main(argv):
 def _videos(model, paths, targets) -> int:
   """Each video's tracks, as --json / --csv / text say; the number that failed."""
   from agejax import faces, video
-  aligner = faces.FaceAligner()
+  aligner = faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
   writer = None
   if FLAGS.csv:
     writer = csv.writer(sys.stdout)
@@ -117,7 +123,13 @@ def _photos(model, files, targets) -> int:
   from tqdm import tqdm
 
   from agejax import predict_lib
-  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned)
+  from agejax import faces
+  aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
+  workers = FLAGS.workers
+  if workers is None:
+    workers = max(0, min(8, os.cpu_count() or 1) - 1) if len(files) >= 4 else 0
+  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, aligner=aligner, workers=workers,
+                                      keep_photo=bool(FLAGS.annotate))
   writer = None
   if FLAGS.csv:
     writer = csv.writer(sys.stdout)

@@ -4,6 +4,8 @@
     python -m agejax.bench --model thin --size 224 --batch 32 --mode infer --dtype bfloat16
     python -m agejax.bench --mode pipeline --dataset utkface --size 64 --workers 2
     python -m agejax.bench --mode predict --aligned --count 256      # predict.py on a folder of chips
+    python -m agejax.bench --mode predict --count 64 --workers 1     # photos, detection in a worker
+    python -m agejax.bench --mode detect --utkface UTKFace.tar.gz    # detectors' recall on hard photos
 
 Training step = forward, DLDL-v2 loss, backward and Adam update, jitted with the
 state donated (what train.py runs, minus augmentation and data loading).
@@ -126,10 +128,11 @@ def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: in
           "images_per_s": round(rate, 1)}
 
 
-def predict_rate(model_dir: str | None, aligned: bool, count: int) -> dict:
+def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "hog") -> dict:
   """Photos/s and faces/s of `predict` (`predict_lib.predict_files`) over a folder of `count` images
   built from scikit-image's astronaut photo: 200 px face chips (--aligned) or the whole
-  512 px photo, each shifted, mirrored and brightened a little so no two files are the same."""
+  512 px photo, each shifted, mirrored and brightened a little so no two files are the same;
+  detection by `detector` in `workers` processes (0: in this one)."""
   import tempfile
 
   import numpy as np
@@ -139,7 +142,7 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int) -> dict:
   from agejax import export, faces, predict_lib
   model = export.load(model_dir or predict_lib.DEFAULT_MODEL)
   photo = data.astronaut()
-  aligner = None if aligned else faces.FaceAligner()
+  aligner = None if aligned else faces.FaceAligner(detector=detector)
   base = faces.FaceAligner()(photo)[0].chip if aligned else photo
   rng = np.random.RandomState(0)
   with tempfile.TemporaryDirectory() as d:
@@ -151,13 +154,30 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int) -> dict:
       paths.append(os.path.join(d, f"{i:04d}.jpg"))
       Image.fromarray(img).save(paths[-1], quality=92)
     list(predict_lib.predict_files(model, paths[:2], aligned=aligned, aligner=aligner))  # compile
-    t = time.perf_counter()
-    n_faces = sum(len(r.get("faces", [])) for r in predict_lib.predict_files(model, paths, aligned=aligned,
-                                                                             aligner=aligner))
+    t = time.perf_counter()  # worker start-up included: it is part of what a user waits for
+    n_faces = sum(len(r.get("faces", [])) for r in predict_lib.predict_files(
+        model, paths, aligned=aligned, aligner=aligner, workers=workers, keep_photo=False))
     seconds = time.perf_counter() - t
   return {"mode": "predict", "model": model.meta.get("model"), "image_size": model.image_size,
-          "aligned": aligned, "photos": count, "faces": n_faces, "photos_per_s": round(count / seconds, 1),
-          "faces_per_s": round(n_faces / seconds, 1)}
+          "aligned": aligned, "detector": None if aligned else detector, "workers": workers, "photos": count,
+          "faces": n_faces, "photos_per_s": round(count / seconds, 2), "faces_per_s": round(n_faces / seconds, 2),
+          "cpus": os.cpu_count()}
+
+
+def detect_recall(utkface: str, photos_per_condition: int, configs: list[str]) -> dict:
+  """Recall, false positives and photos/s of each detector config ("hog:1" = HOG, upsample 1;
+  "auto:1"; "cnn:0") on agejax.hard_photos' degraded group photos of UTKFace faces."""
+  from agejax import faces, hard_photos
+  chips = hard_photos.utkface_chips(utkface, 400)
+  photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
+  out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos),
+         "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}
+  for cfg in configs:
+    kind, _, up = cfg.partition(":")
+    aligner = faces.FaceAligner(detector=kind, upsample=int(up or 1))
+    out[cfg] = hard_photos.recall(lambda rgb: [(r.left(), r.top(), r.right(), r.bottom())
+                                               for r, _ in aligner.detect(rgb)], photos)
+  return out
 
 
 def main(argv=None):
@@ -165,20 +185,30 @@ def main(argv=None):
   ap.add_argument("--model", default="tiny", choices=models.MODEL_NAMES)
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--batch", type=int, default=64)
-  ap.add_argument("--mode", default="train", choices=["train", "infer", "pipeline", "predict"])
+  ap.add_argument("--mode", default="train", choices=["train", "infer", "pipeline", "predict", "detect"])
   ap.add_argument("--model_dir", default=None, help="predict mode: an exported model (default: the bundled one)")
   ap.add_argument("--aligned", action="store_true", help="predict mode: face chips, no detection")
   ap.add_argument("--count", type=int, default=64, help="predict mode: images in the folder")
   ap.add_argument("--dataset", default="utkface", help="pipeline mode: a built dataset")
   ap.add_argument("--data_dir", default=None, help="pipeline mode: where datasets are built")
-  ap.add_argument("--workers", type=int, default=0, help="pipeline mode: grain worker processes")
+  ap.add_argument("--workers", type=int, default=0, help="pipeline mode: grain worker processes; predict "
+                  "mode: face detection processes")
+  ap.add_argument("--detector", default="hog", help="predict mode: hog, cnn or auto")
+  ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
+  ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
+  ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
+                  help="detect mode: detector:upsample, comma-separated")
   ap.add_argument("--batches", type=int, default=40, help="pipeline mode: batches timed")
   ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   a = ap.parse_args(argv)
   if a.mode == "predict":
-    print(json.dumps(predict_rate(a.model_dir, a.aligned, a.count)))
+    print(json.dumps(predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector)))
+    return
+  if a.mode == "detect":
+    archive = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")
+    print(json.dumps(detect_recall(archive, a.per_condition, a.configs.split(","))))
     return
   if a.mode == "pipeline":
     print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))

@@ -33,6 +33,7 @@ from agejax import faces as faces_lib
 from agejax import predict_lib
 
 MAX_PHOTOS = 50            # photos answered per request
+THOROUGH_DETECTOR = dict(detector="cnn", upsample=1)  # "look harder": the best recall measured
 RESULTS_KEPT_S = 600       # downloadable results are deleted after this
 TITLE = "agejax: the age of faces"
 
@@ -55,10 +56,13 @@ class Estimator:
 
   def __init__(self, model, aligner=None):
     self.model, self.aligner = model, aligner
+    self._thorough = None
     self._lock = threading.Lock()
 
-  def answer(self, paths: list[str], aligned: bool = False, names: list[str] | None = None) -> Answer:
-    """Predictions for the photo files `paths` (shown as `names`, default their base names)."""
+  def answer(self, paths: list[str], aligned: bool = False, names: list[str] | None = None,
+             thorough: bool = False) -> Answer:
+    """Predictions for the photo files `paths` (shown as `names`, default their base names);
+    `thorough` finds faces with dlib's CNN detector (THOROUGH_DETECTOR) instead of HOG."""
     names = names or [os.path.basename(p) for p in paths]
     shown = dict(zip(paths, names))
     ans = Answer([], [], None, [], [])
@@ -69,9 +73,12 @@ class Estimator:
       ans.messages.append("Choose or drop a photo first.")
       return ans
     with self._lock:
-      if not aligned and self.aligner is None:
+      if not aligned and not thorough and self.aligner is None:
         self.aligner = faces_lib.FaceAligner()
-      records = list(predict_lib.predict_files(self.model, paths, aligned=aligned, aligner=self.aligner,
+      if not aligned and thorough and self._thorough is None:
+        self._thorough = faces_lib.FaceAligner(**THOROUGH_DETECTOR)
+      records = list(predict_lib.predict_files(self.model, paths, aligned=aligned,
+                                               aligner=self._thorough if thorough else self.aligner,
                                                distributions=True))
     panels = []
     for rec in records:
@@ -82,8 +89,8 @@ class Estimator:
         ans.records.append({"file": name, "error": ans.messages[-1]})
         continue
       if not rec["faces"]:
-        ans.messages.append(f"{name}: no face found" + ("" if aligned else
-                            " (if it is already a face chip, tick 'already a face chip')") + ".")
+        hint = "" if aligned else " (tick 'look harder' for small or old photos, or 'already a face chip')"
+        ans.messages.append(f"{name}: no face found{hint}.")
       for i, f in enumerate(rec["faces"]):
         ans.table.append([name, i, f"{f['age']:.1f} ± {f['std']:.1f}",
                           f"{f['interval90'][0]:g}–{f['interval90'][1]:g}",
@@ -158,7 +165,7 @@ def build_app(estimator: Estimator, work_dir: str):
   """The Gradio Blocks page around `estimator`; results files go under work_dir."""
   import gradio as gr
 
-  def run(files, snapshot, aligned):
+  def run(files, snapshot, aligned, thorough):
     request_dir = tempfile.mkdtemp(dir=work_dir)
     paths = [getattr(f, "name", f) for f in (files or [])]
     names = [os.path.basename(p) for p in paths]
@@ -166,7 +173,7 @@ def build_app(estimator: Estimator, work_dir: str):
       if snapshot is not None:
         paths.append(_snapshot_file(snapshot, request_dir))
         names.append("webcam snapshot")
-      ans = estimator.answer(paths, aligned=bool(aligned), names=names)
+      ans = estimator.answer(paths, aligned=bool(aligned), names=names, thorough=bool(thorough))
     finally:
       for p in paths:  # keep no upload
         if not p.startswith(request_dir):
@@ -189,6 +196,8 @@ def build_app(estimator: Estimator, work_dir: str):
         snapshot = gr.Image(label="Webcam snapshot (optional)", sources=["webcam"], type="numpy",
                             elem_id="snapshot")
         aligned = gr.Checkbox(label="Already a face chip (skip face detection)", value=False, elem_id="aligned")
+        thorough = gr.Checkbox(label="Look harder for faces: small, gray or old photos (much slower)", value=False,
+                               elem_id="thorough")
         go = gr.Button("Estimate ages", variant="primary", elem_id="go")
       with gr.Column(scale=2):
         summary = gr.Markdown(elem_id="summary")
@@ -199,7 +208,7 @@ def build_app(estimator: Estimator, work_dir: str):
                          buttons=["download", "fullscreen"], elem_id="plots")
         downloads = gr.File(label="Results (JSON, CSV)", file_count="multiple", interactive=False,
                             elem_id="downloads")
-    go.click(run, [files, snapshot, aligned], [summary, images, table, plots, downloads], concurrency_limit=1)
+    go.click(run, [files, snapshot, aligned, thorough], [summary, images, table, plots, downloads], concurrency_limit=1)
   return page
 
 

@@ -31,7 +31,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   import jax.numpy as jnp
   from jax import export as jax_export
 
-  from agejax import native, objectives
+  from agejax import faces, native, objectives
   from agejax.data import augment
 
   config = trainer.config
@@ -68,18 +68,12 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
       "model": config.model.name, "loss": config.loss.name, "dataset": config.dataset.name,
       "gender": bool(config.model.gender), "race": bool(config.model.race),
       "race_names": ["White", "Black", "Asian", "Indian", "Other"], "gender_names": ["male", "female"],
-      "chip": {"size": 200, "padding": CHIP_PADDING}, "weights_dtype": weights_dtype,
+      "chip": {"size": 200, "padding": faces.CHIP_PADDING}, "weights_dtype": weights_dtype,
       "platforms": list(exp.platforms), **(provenance or {})}
   with open(os.path.join(out_dir, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return out_dir
 
-
-# dlib get_face_chip padding that reproduces UTKFace's framing. Measured with
-# `python -m agejax.faces UTKFace.tar.gz` (60 chips): eye centres in UTKFace chips
-# (59, 61) and (137, 61), 78.2 px apart; re-chipping them gives 78.8 px at padding
-# 0.185, 77.1 px at 0.2 and 71.9 px at 0.25 (dlib's example value).
-CHIP_PADDING = 0.19
 
 
 class ExportError(ValueError):

@@ -15,6 +15,12 @@ from PIL import Image, ImageOps
 
 from agejax.data.images import to_rgb8
 
+# dlib get_face_chip padding that reproduces UTKFace's framing. Measured with
+# `python -m agejax.faces UTKFace.tar.gz` (60 chips): eye centres in UTKFace chips
+# (59, 61) and (137, 61), 78.2 px apart; re-chipping them gives 78.8 px at padding
+# 0.185, 77.1 px at 0.2 and 71.9 px at 0.25 (dlib's example value).
+CHIP_PADDING = 0.19
+
 # Refuse images above this many pixels (PIL raises DecompressionBombError at twice
 # its limit and only warns below; we make the limit a hard error).
 MAX_PIXELS = 80_000_000
@@ -49,28 +55,72 @@ class Face:
   chip: np.ndarray                 # (200, 200, 3) uint8, aligned like UTKFace
 
 
+DETECTORS = ("hog", "cnn", "auto")
+CNN_MAX_SIDE = 1024  # photos are shrunk to this for the CNN detector
+
+
 class FaceAligner:
-  """dlib detector + 5-point landmarks + get_face_chip."""
+  """Face detection + dlib's 5-point landmarks + get_face_chip, as UTKFace's chips were made.
+
+  detector "hog": dlib's frontal HOG detector (fast; misses small, blurred and gray faces more);
+  "cnn": dlib's MMOD CNN detector (`mmod_human_face_detector.dat` from face_recognition_models;
+  finds more of those, 20-80x slower on a CPU); "auto": HOG, and the CNN (upsample
+  `cnn_upsample`) on photos where HOG finds no face. `upsample` doubles the photo that many
+  times before detecting (faces half as large each time, at about 4x the cost).
+  docs/RESULTS.md has the measured recall and speed of each.
+  """
 
   def __init__(self, chip_size: int = 200, padding: float | None = None, upsample: int = 1,
-               threshold: float = 0.3):
+               threshold: float | None = None, detector: str = "hog", cnn_upsample: int = 1):
     try:
       import dlib
       import face_recognition_models
     except ImportError as e:
       raise ImportError("Face detection needs dlib and its landmark model: pip install 'agejax[faces]' "
                         "(dlib-bin and face-recognition-models), or pass --aligned for face chips.") from e
-    from agejax.export import CHIP_PADDING
-    self.dlib = dlib
-    self.detector = dlib.get_frontal_face_detector()
+    if detector not in DETECTORS:
+      raise ValueError(f"detector {detector!r}: one of {', '.join(DETECTORS)}.")
+    self.dlib, self.kind = dlib, detector
+    self.hog = dlib.get_frontal_face_detector() if detector in ("hog", "auto") else None
+    self.cnn = (dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
+                if detector in ("cnn", "auto") else None)
+    self.detector = self.hog or self.cnn
+    self.cnn_upsample = upsample if detector == "cnn" else cnn_upsample
     self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
-    self.chip_size, self.upsample, self.threshold = chip_size, upsample, threshold
+    self.settings = dict(chip_size=chip_size, padding=padding, upsample=upsample, threshold=threshold,
+                         detector=detector, cnn_upsample=cnn_upsample)  # to build the same one elsewhere
+    self.chip_size, self.upsample = chip_size, upsample
+    self.threshold = 0.3 if threshold is None else threshold  # HOG's; the CNN keeps confidence >= 0
     self.padding = CHIP_PADDING if padding is None else padding
 
+  def detect(self, rgb: np.ndarray) -> list[tuple]:
+    """(dlib rectangle, score) of each face found, best first."""
+    found = []
+    if self.hog is not None:
+      rects, scores, _ = self.hog.run(rgb, self.upsample, self.threshold)
+      found = list(zip(rects, scores))
+    if self.cnn is not None and not found:
+      found = self._cnn(rgb)
+    return sorted(found, key=lambda t: -t[1])
+
+  def _cnn(self, rgb: np.ndarray) -> list[tuple]:
+    """The CNN's faces, on the photo shrunk to CNN_MAX_SIDE where larger (its cost grows with the
+    pixels; faces that small after shrinking are found by the upsampling), boxes in the photo's
+    pixels."""
+    scale = min(1.0, CNN_MAX_SIDE / max(rgb.shape[:2]))
+    small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize(
+        (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.BILINEAR))
+    found = []
+    for d in self.cnn(small, self.cnn_upsample):
+      if d.confidence >= 0:
+        r = d.rect
+        found.append((self.dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale),
+                                          int(r.bottom() / scale)), d.confidence))
+    return found
+
   def __call__(self, rgb: np.ndarray) -> list[Face]:
-    rects, scores, _ = self.detector.run(rgb, self.upsample, self.threshold)
     faces = []
-    for rect, score in sorted(zip(rects, scores), key=lambda t: -t[1]):
+    for rect, score in self.detect(rgb):
       shape = self.predictor(rgb, rect)
       chip = self.dlib.get_face_chip(rgb, shape, size=self.chip_size, padding=self.padding)
       box = (max(rect.left(), 0), max(rect.top(), 0), min(rect.right(), rgb.shape[1]), min(rect.bottom(), rgb.shape[0]))
@@ -85,6 +135,63 @@ def whole_image_face(rgb: np.ndarray) -> Face:
   top, left = (h - s) // 2, (w - s) // 2
   chip = rgb[top:top + s, left:left + s]
   return Face((left, top, left + s, top + s), 1.0, chip)
+
+
+MIN_CHIP_PIXELS = 32  # an aligned chip smaller than this on a side holds no usable face
+
+
+def find_faces(path: str, aligned: bool, aligner: FaceAligner | None, keep_photo: bool = True) -> tuple[dict, list]:
+  """(record, faces) for one file: record {"file", "width", "height"[, "_rgb"]} and the faces found
+  (the whole image where `aligned`), or ({"file", "error"}, []) for a file that cannot be used."""
+  try:
+    rgb = read_photo(path)
+  except PhotoError as e:
+    return {"file": path, "error": str(e)}, []
+  if aligned and min(rgb.shape[:2]) < MIN_CHIP_PIXELS:
+    return {"file": path, "error": f"{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small for a face chip "
+                                   f"(at least {MIN_CHIP_PIXELS} on each side)."}, []
+  found = [whole_image_face(rgb)] if aligned else aligner(rgb)
+  rec = {"file": path, "width": rgb.shape[1], "height": rgb.shape[0]}
+  if keep_photo:
+    rec["_rgb"] = rgb
+  return rec, found
+
+
+_worker_aligner: FaceAligner | None = None
+
+
+def _start_worker(settings: dict):
+  global _worker_aligner
+  _worker_aligner = FaceAligner(**settings)
+
+
+def _find_in_worker(path: str, keep_photo: bool) -> tuple[dict, list]:
+  return find_faces(path, False, _worker_aligner, keep_photo)
+
+
+def find_faces_in_files(paths: list[str], aligned: bool, aligner: FaceAligner | None, workers: int = 0,
+                        keep_photo: bool = True):
+  """find_faces for each path, in order. With `workers` > 0 (and detection to do), that many
+  processes detect faces in parallel, each with its own FaceAligner(**aligner.settings), a few
+  files ahead of the caller; 0 detects in this process."""
+  if workers <= 0 or aligned or len(paths) < 2:
+    for p in paths:
+      yield find_faces(p, aligned, aligner, keep_photo)
+    return
+  import collections
+  import multiprocessing
+  from concurrent.futures import ProcessPoolExecutor
+
+  todo = iter(paths)
+  with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # no fork beside JAX
+                           initializer=_start_worker, initargs=(aligner.settings,)) as pool:
+    window = collections.deque(pool.submit(_find_in_worker, p, keep_photo) for _, p in zip(range(2 * workers), todo))
+    while window:
+      result = window.popleft().result()
+      nxt = next(todo, None)
+      if nxt is not None:
+        window.append(pool.submit(_find_in_worker, nxt, keep_photo))
+      yield result
 
 
 def _one_face_chips(archive: str, aligner: "FaceAligner", count: int):

@@ -65,7 +65,6 @@ def annotation_paths(inputs: Iterable[str], out_dir: str) -> dict[str, str]:
   return out
 
 
-MIN_FACE_PIXELS = 32  # an aligned chip smaller than this on a side holds no usable face
 MAX_HELD_PIXELS = 100_000_000  # photos kept (for --annotate) while their faces wait for a batch
 
 
@@ -102,13 +101,15 @@ def predict_faces(model: ExportedModel, chips: list[np.ndarray], distributions: 
 
 def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
                   aligner: faces_lib.FaceAligner | None = None, batch_size: int = 32,
-                  distributions: bool = False) -> Iterator[dict]:
-  """One record per file, in order: {"file", "width", "height", "faces": [...], "_rgb"} or
+                  distributions: bool = False, workers: int = 0, keep_photo: bool = True) -> Iterator[dict]:
+  """One record per file, in order: {"file", "width", "height", "faces": [...][, "_rgb"]} or
   {"file", "error"}; faces as predict_faces(..., distributions) gives them, with "box" and
-  "detection_score". "_rgb" is the decoded photo (pop it before writing the record out).
+  "detection_score". "_rgb" is the decoded photo where `keep_photo` (pop it before writing the
+  record out).
 
-  The faces of consecutive files go through the network together, about `batch_size` at a time
-  (sooner when the photos waiting hold over MAX_HELD_PIXELS).
+  Faces are found by `aligner` (default FaceAligner()), in `workers` processes where > 0
+  (faces_lib.find_faces_in_files); the faces of consecutive files go through the network
+  together, about `batch_size` at a time (sooner when the photos kept hold over MAX_HELD_PIXELS).
   """
   if not aligned and aligner is None:
     aligner = faces_lib.FaceAligner()
@@ -122,19 +123,9 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
       yield rec
     pending.clear()
 
-  for path in paths:
-    try:
-      rgb = faces_lib.read_photo(path)
-    except faces_lib.PhotoError as e:
-      pending.append(({"file": path, "error": str(e)}, []))
-      continue
-    if aligned and min(rgb.shape[:2]) < MIN_FACE_PIXELS:
-      pending.append(({"file": path, "error": f"{path}: {rgb.shape[1]}x{rgb.shape[0]} pixels is too small for a "
-                                              f"face chip (at least {MIN_FACE_PIXELS} on each side)."}, []))
-      continue
-    found = [faces_lib.whole_image_face(rgb)] if aligned else aligner(rgb)
-    pending.append(({"file": path, "width": rgb.shape[1], "height": rgb.shape[0], "_rgb": rgb}, found))
-    held = sum(r["width"] * r["height"] for r, _ in pending if "width" in r)
+  for rec, found in faces_lib.find_faces_in_files(paths, aligned, aligner, workers, keep_photo):
+    pending.append((rec, found))
+    held = sum(r["width"] * r["height"] for r, _ in pending if "_rgb" in r)
     if sum(len(f) for _, f in pending) >= batch_size or held > MAX_HELD_PIXELS:
       yield from flush()
   yield from flush()

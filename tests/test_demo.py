@@ -137,6 +137,7 @@ def test_page_in_a_real_browser(server, browser, photos, tmp_path):
   assert p.returncode == 0 and cli_age, p.stderr
 
   page = browser.new_page(viewport={"width": 1280, "height": 1000})
+  page.set_default_timeout(120_000)  # a busy 2-core machine
   outside = []
   page.on("request", lambda r: None if r.url.startswith((url[:-1], "data:", "blob:")) else outside.append(r.url))
   page.goto(url)

@@ -1,0 +1,141 @@
+"""Photos where face detectors fail, made from real faces, and the recall of a detector on them.
+
+    python -m agejax.bench --mode detect --utkface ../shared/data/utkface/UTKFace.tar.gz
+
+Each photo holds several UTKFace chips (real faces; the archive's first chips, feathered into
+a smooth background, never overlapping) at a known place, then one condition:
+  clean       colour, faces 100-150 px
+  small       colour, faces 36-60 px (group photos, crowds)
+  old_print   faces 60-110 px; gray, sepia, blurred, faded, grain, JPEG at quality 35
+  scan        faces 50-90 px; gray, shrunk and enlarged again (a low-resolution scan), JPEG 50
+A face counts as found when a detection's centre lies in its chip and the detection's width is
+0.25-1.2 of the chip's; each face is found at most once, other detections are false positives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tarfile
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+CONDITIONS = {"clean": (100, 150), "small": (36, 60), "old_print": (60, 110), "scan": (50, 90)}
+
+
+@dataclasses.dataclass
+class Photo:
+  condition: str
+  rgb: np.ndarray
+  faces: list[tuple[int, int, int, int]]  # the pasted chips (left, top, right, bottom)
+
+
+def utkface_chips(archive: str, count: int) -> list[np.ndarray]:
+  """The first `count` chips of a UTKFace archive as (200, 200, 3) uint8."""
+  chips = []
+  with tarfile.open(archive) as tar:
+    for m in tar:
+      if len(chips) >= count:
+        break
+      if m.isfile() and m.name.lower().endswith(".jpg"):
+        chips.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
+  return chips
+
+
+def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+  low = rng.uniform(60, 200, size=(3, 4, 3)).astype(np.uint8)  # a smooth, low-frequency wash of colour
+  bg = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+  noise = rng.normal(0, 6, size=(h, w, 1))
+  return Image.fromarray(np.clip(np.asarray(bg, np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def _feather(side: int) -> Image.Image:
+  mask = Image.new("L", (side, side), 0)
+  from PIL import ImageDraw
+  ImageDraw.Draw(mask).ellipse([side * 0.04, side * 0.02, side * 0.96, side * 0.98], fill=255)
+  return mask.filter(ImageFilter.GaussianBlur(side * 0.04))
+
+
+def _degrade(img: Image.Image, condition: str, rng: np.random.Generator) -> Image.Image:
+  if condition in ("clean", "small"):
+    return img
+  gray = ImageOps.grayscale(img)
+  if condition == "old_print":
+    gray = gray.filter(ImageFilter.GaussianBlur(1.6))
+    a = np.asarray(gray, np.float32) / 255 * 0.6 + 0.25                      # faded
+    a = a + rng.normal(0, 0.04, size=a.shape)                                 # grain
+    sepia = np.stack([a * 1.07, a * 0.92, a * 0.72], -1)
+    out = Image.fromarray(np.clip(sepia * 255, 0, 255).astype(np.uint8))
+    quality = 35
+  else:  # scan
+    w, h = gray.size
+    out = gray.resize((w // 3, h // 3), Image.BILINEAR).resize((w, h), Image.BILINEAR).convert("RGB")
+    quality = 50
+  buf = io.BytesIO()
+  out.save(buf, format="JPEG", quality=quality)
+  return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def make_photos(chips: list[np.ndarray], photos_per_condition: int = 6, faces_per_photo: int = 5,
+                size: tuple[int, int] = (640, 480), seed: int = 0,
+                conditions: Iterable[str] = tuple(CONDITIONS)) -> list[Photo]:
+  """photos_per_condition photos of each condition, the chips used in turn."""
+  rng = np.random.default_rng(seed)
+  w, h = size
+  out, k = [], 0
+  for condition in conditions:
+    lo, hi = CONDITIONS[condition]
+    for _ in range(photos_per_condition):
+      canvas = _background(rng, w, h)
+      boxes: list[tuple[int, int, int, int]] = []
+      for _ in range(faces_per_photo * 20):  # tries to place faces without overlap
+        if len(boxes) == faces_per_photo:
+          break
+        side = int(rng.integers(lo, hi + 1) / 0.6)  # the face fills about 60% of a UTKFace chip
+        if side >= min(w, h):
+          continue
+        x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        box = (x, y, x + side, y + side)
+        if any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in boxes):
+          continue
+        chip = Image.fromarray(chips[k % len(chips)]).resize((side, side), Image.BILINEAR)
+        k += 1
+        canvas.paste(chip, (x, y), _feather(side))
+        boxes.append(box)
+      out.append(Photo(condition, np.asarray(_degrade(canvas, condition, rng)), boxes))
+  return out
+
+
+def match(faces: list[tuple], detections: list[tuple]) -> tuple[int, int]:
+  """(faces found, false positives) for boxes (left, top, right, bottom)."""
+  found, used = 0, set()
+  for det in detections:
+    cx, cy, dw = (det[0] + det[2]) / 2, (det[1] + det[3]) / 2, det[2] - det[0]
+    hit = next((i for i, f in enumerate(faces) if i not in used and f[0] <= cx <= f[2] and f[1] <= cy <= f[3]
+                and 0.25 <= dw / (f[2] - f[0]) <= 1.2), None)
+    if hit is not None:
+      used.add(hit)
+      found += 1
+  return found, len(detections) - found
+
+
+def recall(detect: Callable[[np.ndarray], list[tuple]], photos: list[Photo]) -> dict:
+  """Per condition and overall: recall, false positives a photo, photos/s of `detect`
+  (rgb -> boxes)."""
+  rows: dict[str, list] = {}
+  for p in photos:
+    t = time.perf_counter()
+    boxes = detect(p.rgb)
+    dt = time.perf_counter() - t
+    found, false = match(p.faces, boxes)
+    rows.setdefault(p.condition, []).append((found, len(p.faces), false, dt))
+  rows["all"] = [r for v in list(rows.values()) for r in v]
+
+  def summary(v):
+    found, total, false, secs = (sum(x[i] for x in v) for i in range(4))
+    return {"recall": round(found / max(total, 1), 3), "faces": total,
+            "false_per_photo": round(false / len(v), 2), "photos_per_s": round(len(v) / secs, 2)}
+  return {k: summary(v) for k, v in rows.items()}

@@ -1,0 +1,97 @@
+"""Face detection: HOG, the CNN detector, their combination, upsampling, the photos that measure
+them (agejax.hard_photos) and detection in worker processes."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter, ImageOps
+
+pytest.importorskip("dlib")
+
+from agejax import export, faces, hard_photos, predict_lib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def astronaut_small():
+  """The astronaut at 256 px (her face about 45 px), in colour and as a gray, blurred old print."""
+  from skimage import data
+  a = Image.fromarray(data.astronaut()).resize((256, 256), Image.BILINEAR)
+  old = ImageOps.grayscale(a).filter(ImageFilter.GaussianBlur(1.5)).convert("RGB")
+  return np.asarray(a), np.asarray(old)
+
+
+def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
+  colour, old = astronaut_small
+  hog0, hog1 = faces.FaceAligner(upsample=0), faces.FaceAligner(upsample=1)
+  assert len(hog0.detect(colour)) == 0 and len(hog1.detect(colour)) == 1  # 45 px: needs one upsampling
+  cnn, auto = faces.FaceAligner(detector="cnn", upsample=1), faces.FaceAligner(detector="auto")
+  assert len(hog1.detect(old)) == 0                                      # HOG loses the gray, blurred face
+  found = cnn(old)
+  assert len(found) == 1 and found[0].chip.shape == (200, 200, 3)
+  l, t, r, b = found[0].box
+  assert 60 < (l + r) / 2 < 120 and 20 < (t + b) / 2 < 70               # where her face is
+  assert [f.box for f in auto(old)] == [f.box for f in found]           # auto: HOG, then the CNN
+  assert [f.box for f in auto(colour)] == [f.box for f in hog1(colour)]  # ... only where HOG finds none
+  with pytest.raises(ValueError, match="detector 'mtcnn'"):
+    faces.FaceAligner(detector="mtcnn")
+
+
+def test_cnn_boxes_are_in_the_photos_pixels_when_shrunk(astronaut_small, monkeypatch):
+  colour, _ = astronaut_small
+  cnn = faces.FaceAligner(detector="cnn", upsample=1)
+  full = cnn.detect(colour)[0][0]
+  monkeypatch.setattr(faces, "CNN_MAX_SIDE", 200)  # shrinks the 256 px photo by 0.78
+  shrunk = cnn.detect(colour)
+  assert len(shrunk) == 1
+  r = shrunk[0][0]
+  assert abs(r.left() - full.left()) < 8 and abs(r.bottom() - full.bottom()) < 8
+
+
+def test_hard_photos_place_real_faces_and_degrade_them():
+  rng = np.random.default_rng(1)
+  chips = [rng.integers(0, 255, (200, 200, 3), dtype=np.uint8) for _ in range(3)]
+  photos = hard_photos.make_photos(chips, photos_per_condition=2, faces_per_photo=4, seed=3)
+  again = hard_photos.make_photos(chips, photos_per_condition=2, faces_per_photo=4, seed=3)
+  assert [p.condition for p in photos] == [c for c in hard_photos.CONDITIONS for _ in range(2)]
+  assert all(np.array_equal(p.rgb, q.rgb) for p, q in zip(photos, again))  # seeded
+  for p in photos:
+    lo, hi = hard_photos.CONDITIONS[p.condition]
+    assert p.rgb.shape == (480, 640, 3) and p.faces
+    for i, f in enumerate(p.faces):
+      assert 0 <= f[0] < f[2] <= 640 and 0 <= f[1] < f[3] <= 480
+      assert lo / 0.6 - 1 <= f[2] - f[0] <= hi / 0.6 + 1
+      for g in p.faces[i + 1:]:
+        assert f[2] <= g[0] or g[2] <= f[0] or f[3] <= g[1] or g[3] <= f[1]  # no overlap
+    gray = np.abs(p.rgb[..., 0].astype(int) - p.rgb[..., 2]).max() <= 3
+    assert gray == (p.condition == "scan")
+    if p.condition == "old_print":
+      assert (p.rgb[..., 0].astype(int) - p.rgb[..., 2]).mean() > 20  # sepia
+
+
+def test_matching_counts_each_face_once():
+  faces_ = [(0, 0, 100, 100), (200, 0, 300, 100)]
+  assert hard_photos.match(faces_, [(20, 20, 80, 80), (25, 25, 85, 85), (210, 10, 290, 90)]) == (2, 1)
+  assert hard_photos.match(faces_, [(45, 45, 55, 55)]) == (0, 1)     # too small for the face
+  assert hard_photos.match(faces_, [(400, 0, 450, 50)]) == (0, 1)
+  r = hard_photos.recall(lambda rgb: [(20, 20, 80, 80)], [hard_photos.Photo("small", np.zeros((8, 8, 3)), faces_)])
+  assert r["small"]["recall"] == 0.5 and r["all"]["faces"] == 2 and r["all"]["false_per_photo"] == 0
+
+
+def test_detection_in_workers_gives_the_same_records_in_order(tmp_path):
+  from skimage import data
+  paths = []
+  for i, img in enumerate([data.astronaut(), data.coffee(), None, data.astronaut()[:, ::-1]]):
+    paths.append(str(tmp_path / f"{i}.png"))
+    if img is None:
+      open(paths[-1], "w").write("not an image")
+    else:
+      Image.fromarray(img).save(paths[-1])
+  model = export.load(predict_lib.DEFAULT_MODEL)
+  inline = list(predict_lib.predict_files(model, paths, keep_photo=False))
+  pooled = list(predict_lib.predict_files(model, paths, workers=2, keep_photo=False))
+  assert [r["file"] for r in pooled] == paths and "error" in pooled[2]
+  assert [len(r.get("faces", [])) for r in pooled] == [1, 0, 0, 1]
+  assert all("_rgb" not in r for r in pooled)
+  for a, b in zip(inline, pooled):
+    assert a.get("error") == b.get("error")
+    for fa, fb in zip(a.get("faces", []), b.get("faces", [])):
+      assert fa["box"] == fb["box"] and fa["age"] == pytest.approx(fb["age"], abs=1e-5)
