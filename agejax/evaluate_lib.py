@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from agejax import metrics
+from agejax.data import labels
 
-RACE_NAMES = ("White", "Black", "Asian", "Indian", "Other")
-GENDER_NAMES = ("male", "female")
 
 
 def jsonable(x):
@@ -58,7 +57,7 @@ def summarize(preds: dict[str, np.ndarray], grid, has_sigma: bool = False) -> di
     clean = preds["label_conflict"] == 0
     s["clean"] = _age_metrics(pred[clean], true[clean], preds["pred_probs"][clean] if "pred_probs" in preds else None,
                               grid)
-  for task, names in (("gender", GENDER_NAMES), ("race", RACE_NAMES)):
+  for task, names in (("gender", labels.GENDER_NAMES), ("race", labels.RACE_NAMES)):
     if task in preds and np.any(preds[task] >= 0):
       s[f"per_{task}"] = per_attribute(pred, true, preds[task], names)
     if f"pred_{task}_probs" in preds and np.any(preds[task] >= 0):

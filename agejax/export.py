@@ -32,7 +32,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   from jax import export as jax_export
 
   from agejax import faces, native, objectives
-  from agejax.data import augment
+  from agejax.data import augment, labels
 
   config = trainer.config
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -44,15 +44,8 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
 
   def predict(images):
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), stored)
-    x = augment.normalize(images)
-    outs = [objectives.predict(objective, model.apply(variables, v, train=False), grid)
-            for v in (x, augment.flip(x))]
-    probs = (outs[0]["probs"] + outs[1]["probs"]) / 2
-    result = {"age": (outs[0]["age"] + outs[1]["age"]) / 2, "probs": probs, "std": (outs[0]["std"] + outs[1]["std"]) / 2}
-    for k in outs[0]:
-      if k.endswith("_probs") and k != "probs":
-        result[k] = (outs[0][k] + outs[1][k]) / 2
-    return result
+    apply = lambda x: model.apply(variables, x, train=False)
+    return objectives.predict_images(objective, apply, augment.normalize(images), grid, flip=True)
 
   b, = jax_export.symbolic_shape("b")
   with native.disabled():  # portable: no machine-specific custom calls in the artifact
@@ -67,7 +60,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
       "outputs": sorted(exp.out_tree.unflatten([0] * exp.out_tree.num_leaves).keys()),
       "model": config.model.name, "loss": config.loss.name, "dataset": config.dataset.name,
       "gender": bool(config.model.gender), "race": bool(config.model.race),
-      "race_names": ["White", "Black", "Asian", "Indian", "Other"], "gender_names": ["male", "female"],
+      "race_names": list(labels.RACE_NAMES), "gender_names": list(labels.GENDER_NAMES),
       "chip": {"size": 200, "padding": faces.CHIP_PADDING}, "weights_dtype": weights_dtype,
       "platforms": list(exp.platforms), **(provenance or {})}
   with open(os.path.join(out_dir, "model.json"), "w") as f:

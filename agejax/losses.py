@@ -372,23 +372,6 @@ def gaussian_nll(mu, log_var, ages) -> jax.Array:
 # Decoding rules.
 
 
-def decode_expectation(logits, grid) -> jax.Array:
-  """The age of a distribution head: the expectation sum_k softmax(z)_k l_k.
-
-  Args:
-    logits: (..., K) scores.
-    grid: (K,) label values.
-
-  Returns:
-    (...,) float32 ages.
-
-  References:
-    Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
-    Learning", IJCAI 2018, Eq. 6.
-  """
-  return ldl.expectation_from_logits(logits, grid)
-
-
 def decode_ordinal(logits, grid) -> jax.Array:
   """The age of K-1 binary tasks (OR-CNN, CORAL): l_0 + step * #{k : sigmoid(z_k) > 0.5}.
 

@@ -98,3 +98,20 @@ def predict(objective: Objective, outputs, grid) -> dict[str, jax.Array]:
     if f"{task}_logits" in outputs:
       out[f"{task}_probs"] = jax.nn.softmax(outputs[f"{task}_logits"].astype(jnp.float32), -1)
   return out
+
+
+def predict_images(objective: Objective, apply: Callable, images, grid, flip: bool = True) -> dict[str, jax.Array]:
+  """`predict` of apply(images) for normalised (B, H, W, C) images, averaged with the mirrored
+  images' where `flip`: the distributions and class probabilities averaged, the age the mean of
+  both ages, the std the averaged distribution's (a Gaussian head's: the mean of both stds).
+
+  The one prediction rule of evaluation (`train_lib.eval_step`), exported models and so `predict`.
+  """
+  pred = predict(objective, apply(images), grid)
+  if not flip:
+    return pred
+  mirrored = predict(objective, apply(images[:, :, ::-1]), grid)
+  out = {k: (pred[k] + mirrored[k]) / 2 for k in pred}
+  if objective.age_head != "gaussian":
+    out["std"] = ldl.distribution_std(out["probs"], grid)
+  return out

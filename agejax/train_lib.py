@@ -221,18 +221,10 @@ def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
 
 
 def eval_step(state: TrainState, batch, *, model, objective, grid, flip_tta: bool):
-  """Predictions for a batch, flip-averaged over the distributions when asked."""
+  """Predictions for a batch (`objectives.predict_images`), flip-averaged where flip_tta."""
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  x = augment.normalize(batch["image"])
-  outputs = model.apply(variables, x, train=False)
-  pred = objectives.predict(objective, outputs, grid)
-  if flip_tta:
-    pf = objectives.predict(objective, model.apply(variables, augment.flip(x), train=False), grid)
-    probs = (pred["probs"] + pf["probs"]) / 2
-    age = (pred["age"] + pf["age"]) / 2
-    std = ldl.distribution_std(probs, grid) if objective.age_head != "gaussian" else (pred["std"] + pf["std"]) / 2
-    pred = {**{k: (pred[k] + pf[k]) / 2 for k in pred if k.endswith("_probs")}, "age": age, "probs": probs, "std": std}
-  return pred
+  apply = lambda x: model.apply(variables, x, train=False)
+  return objectives.predict_images(objective, apply, augment.normalize(batch["image"]), grid, flip=flip_tta)
 
 
 class Trainer:

@@ -116,8 +116,3 @@ def augment(key, images, cfg: Mapping, example_ids=None) -> jax.Array:
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
   x = jax.vmap(lambda k, i: augment_image(k, i, cfg))(keys, x)
   return normalize(x)
-
-
-def flip(images) -> jax.Array:
-  """Horizontal flip of a (B, H, W, C) batch, for flip-averaged test predictions."""
-  return images[:, :, ::-1]

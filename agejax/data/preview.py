@@ -12,6 +12,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from agejax.data import labels
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config.", lock_config=True)
 flags.DEFINE_string("out", "preview.png", "Output PNG.")
@@ -19,7 +21,6 @@ flags.DEFINE_integer("rows", 4, "Rows of faces.")
 flags.DEFINE_integer("cols", 8, "Columns of faces.")
 flags.DEFINE_integer("seed", 0, "Augmentation seed.")
 
-RACES = ("White", "Black", "Asian", "Indian", "Other")
 
 
 def contact_sheet(images: np.ndarray, labels: list[str], cols: int, path: str):
@@ -59,9 +60,9 @@ def main(argv):
     if batch["sigma"][i] > 0:
       parts.append(f"σ {batch['sigma'][i]:.1f}")
     if batch["gender"][i] >= 0:
-      parts.append("MF"[batch["gender"][i]])
+      parts.append(labels.GENDER_NAMES[batch["gender"][i]][0].upper())
     if batch["race"][i] >= 0:
-      parts.append(RACES[batch["race"][i]])
+      parts.append(labels.RACE_NAMES[batch["race"][i]])
     labels.append(" ".join(parts))
   contact_sheet(shown, labels, FLAGS.cols, FLAGS.out)
   print(f"wrote {FLAGS.out} ({n} augmented samples of {c.dataset.name} {c.dataset.train_split})")

@@ -29,7 +29,6 @@ from agejax.data.images import to_rgb8
 
 # Ages accepted at build time. Training maps them onto the config's label grid.
 AGE_LIMITS = (0.0, 120.0)
-RACES = ("white", "black", "asian", "indian", "other")  # UTKFace's coding, used by all builders
 
 
 class BadInputError(ValueError):
@@ -44,8 +43,8 @@ class Record:
   load: Callable[[], bytes]
   age: float
   sigma: float = 0.0               # 0: the dataset has no per-image sigma
-  gender: int = -1                 # 0 male, 1 female, -1 unknown
-  race: int = -1                   # RACES index, -1 unknown
+  gender: int = -1                 # labels.GENDER_NAMES index, -1 unknown
+  race: int = -1                   # labels.RACE_NAMES index, -1 unknown
   age_group: int = -1              # Adience group index, -1 where not used
   label_conflict: int = 0          # 1 where duplicate copies disagree (UTKFace)
   subject: str = ""                # the person, where the dataset names them (MORPH id_num, Adience user_id)
