@@ -22,7 +22,6 @@ the batch-norm variant (`norm="batch"`), initialised to compute what the affine 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
@@ -158,7 +157,7 @@ def _details(s: _Stream, layer: Layer, weights: dict[str, dict[str, np.ndarray]]
     if found != (features, k, k, stride, stride) or pads != ((k // 2,) * 2 if stride == 1 else (0, 0)):
       s.fail(f"convolution {found[1]}x{found[2]}/{found[3]} with {found[0]} filters and padding {pads}, "
              f"expected {k}x{k}/{stride} with {features} filters")
-    filters, biases = s.alias(), s.alias()
+    filters, _ = s.alias(), s.alias()  # the filters' and biases' shapes
     for _ in range(4):
       s.float()  # learning-rate and weight-decay multipliers
     use_bias = s.bool() if name in ("con_5", "con_6") else True

@@ -31,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from agejax import ldl, models, objectives, workdir as workdir_lib
+from agejax import ldl, models, objectives, summaries, workdir as workdir_lib
 from agejax.data import augment, builders, pipeline
 from agejax.models.heads import with_age_bias
 from agejax.reporting import MetricWriter, Progress
@@ -417,7 +417,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, Any]:
-  from agejax import evaluate_lib  # evaluation helpers sit above the trainer's core
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -493,8 +492,8 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
         pending = []
         with progress.paused():
           preds = trainer.predict_split(state, config.dataset.eval_split, config.eval_limit)
-          summary = evaluate_lib.summarize(preds, trainer.grid, has_sigma=bool(np.any(preds["sigma"] > 0)))
-          writer.write(step, evaluate_lib.scalars(summary), prefix="val")
+          summary = summaries.summarize(preds, trainer.grid, has_sigma=bool(np.any(preds["sigma"] > 0)))
+          writer.write(step, summaries.scalars(summary), prefix="val")
           progress.log(f"step {step} validation MAE {summary['mae']:.3f} CS@5 {summary['cs'][5]:.3f}")
           best_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                         metrics={"val_mae": float(summary["mae"])})
@@ -507,5 +506,5 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
     writer.close()
   if is_main:
     with open(os.path.join(workdir, "final_validation.json"), "w") as f:
-      json.dump(evaluate_lib.jsonable(summary), f, indent=2)
+      json.dump(summaries.jsonable(summary), f, indent=2)
   return summary

@@ -149,7 +149,7 @@ def test_two_devices_match_one_device(tmp_path, data_dir):
 
 
 def test_batch_norm_trunk_computes_what_the_affine_trunk_computes(data_dir):
-  from agejax import models, pretrained
+  from agejax import pretrained
   from agejax.data import augment
   from agejax.models.face_resnet import FaceResNetTrunk
   rng = np.random.RandomState(0)

@@ -54,7 +54,7 @@ def main(argv):
   x = augment.augment(jax.random.PRNGKey(FLAGS.seed), jnp.asarray(batch["image"]), dict(c.augment),
                       jnp.asarray(batch["index"]))
   shown = np.clip(np.asarray(x) * np.array(augment.STD) + np.array(augment.MEAN), 0, 1)
-  labels = []
+  captions = []
   for i in range(n):
     parts = [f"age {batch['age'][i]:.0f}"]
     if batch["sigma"][i] > 0:
@@ -63,8 +63,8 @@ def main(argv):
       parts.append(labels.GENDER_NAMES[batch["gender"][i]][0].upper())
     if batch["race"][i] >= 0:
       parts.append(labels.RACE_NAMES[batch["race"][i]])
-    labels.append(" ".join(parts))
-  contact_sheet(shown, labels, FLAGS.cols, FLAGS.out)
+    captions.append(" ".join(parts))
+  contact_sheet(shown, captions, FLAGS.cols, FLAGS.out)
   print(f"wrote {FLAGS.out} ({n} augmented samples of {c.dataset.name} {c.dataset.train_split})")
 
 

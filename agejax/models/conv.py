@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from agejax import native
 from agejax.models.stored import stored, stored_input
 from agejax.native import conv3x3 as native_conv3x3
+from agejax.native.conv3x3 import xla_conv, xla_input_grad  # noqa: F401 (part of this module's API)
 from agejax.native import strided as native_strided
 
 # He-normal over fan-out, as DLDL-v2's official code (kaiming_normal_, mode="fan_out").
@@ -93,32 +94,6 @@ def conv2d_taps(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0,
       term = jnp.einsum("bhwc,co->bhwo", patch, kernel[i, j])
       out = term if out is None else out + term
   return out
-
-
-def xla_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilation: int = 1) -> jax.Array:
-  """XLA's NHWC x HWIO convolution with symmetric padding."""
-  return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), [(pad, pad), (pad, pad)], rhs_dilation=(dilation, dilation),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def xla_input_grad(x, kernel, g, stride, pad, dilation):
-  """The input gradient of `xla_conv` at x for output gradient g: JAX's transposed convolution.
-
-  XLA:CPU convolves it with the kernel flipped and its channel axes swapped, a transpose
-  XLA runs as a strided loop (2.3 ms for a 3x3x512x512 kernel alone, up to 7 in ResNet-34's step). Where agejax's
-  native kernels are built, `flip_swap` writes that kernel instead, and the convolution is
-  stated on it (in HWOI order, flipped back, which XLA cancels against JAX's flip), so
-  XLA finds it already in the layout it needs.
-  """
-  if native.usable(jnp.result_type(x, kernel)):
-    swapped = native_conv3x3.flip_swap(kernel)
-    conv = lambda x: jax.lax.conv_general_dilated(
-        x, jnp.flip(swapped, (0, 1)), (stride, stride), [(pad, pad), (pad, pad)],
-        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWOI", "NHWC"))
-  else:
-    conv = lambda x: xla_conv(x, kernel, stride, pad, dilation)
-  return jax.vjp(conv, x)[1](g)[0]
 
 
 GROUP = 8  # images per kernel-gradient group: one AVX register of float32

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from agejax import native
+from agejax.native.conv3x3 import xla_input_grad
 
 MAX_INPUT_CHANNELS = 4  # RGB(A) stems: the shapes measured (docs/RESULTS.md)
 
@@ -62,7 +63,6 @@ def _fwd(x, kernel, stride, pad):
 
 
 def _bwd(stride, pad, residuals, g):
-  from agejax.models.conv import xla_input_grad  # here: models.conv imports this module
   x, kernel = residuals
   return xla_input_grad(x, kernel, g, stride, pad, 1), _kernel_grad(x, g, kernel.shape[0], stride, pad)
 
