@@ -28,10 +28,11 @@ e.g. `--config configs/chalearn16.py:tiny,cpu`.
 
 import ml_collections
 
-MODELS = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa", "face_resnet")
+from agejax import models, objectives
+
+MODELS = models.MODEL_NAMES          # the registries' names: a new model or loss is a variant at once
 SCHEDULES = ("smoke", "cpu")
-LOSSES = ("dldl_v2", "dldl", "dex", "mean_variance", "sord", "ranking_bce", "coral", "corn", "l1", "l2",
-          "gaussian_nll")
+LOSSES = tuple(objectives.OBJECTIVES)
 
 
 def base_config() -> ml_collections.ConfigDict:
