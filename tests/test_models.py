@@ -226,6 +226,7 @@ def test_conv2d_matches_xla_convolution(hw, k, stride, pad, dilation):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cpu_lowering
 @pytest.mark.parametrize("c_in,k,stride,pad", [(3, 3, 1, 1), (5, 3, 1, 1), (3, 7, 2, 3), (16, 3, 2, 1)])
 def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
   """Summing the kernel gradient over 8-image groups (and pairing 3-channel columns) changes only rounding."""
@@ -249,6 +250,7 @@ def test_grouped_kernel_gradient_matches_xla_convolution(c_in, k, stride, pad):
   assert hlo.count("stablehlo.convolution") == 1 + 3
 
 
+@pytest.mark.cpu_lowering
 @pytest.mark.parametrize("c_in,width", [(1, 6), (3, 10), (4, 8)])
 def test_paired_columns_forward_matches_xla_convolution(c_in, width):
   """The first layer's forward on pairs of adjacent columns is the same convolution; odd widths keep XLA's."""
@@ -294,6 +296,7 @@ def test_stored_input_is_an_exact_identity_that_divides_only_under_differentiati
   assert " div " in str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(stored_input(x) ** 2)))(x))
 
 
+@pytest.mark.cpu_lowering
 def test_batch_norm_backward_stores_its_cotangents_on_cpu():
   """g and dx are each divided once (kept stored for their several consumers); the forward is not."""
   from agejax.models.batch_norm import normalize

@@ -12,6 +12,7 @@ from agejax.models import conv
 from agejax.native import conv3x3 as nc
 from agejax.native import strided as ns
 
+pytestmark = pytest.mark.cpu_lowering
 WIDTH = native.vector_floats()
 needs_native = pytest.mark.skipif(WIDTH is None, reason="no C++ compiler: XLA's convolution is used")
 
