@@ -37,8 +37,9 @@ flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
 flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
-flags.DEFINE_enum("detector", "hog", ["hog", "cnn", "auto"], "Face detector: hog (fast), cnn (finds more small, "
-                  "gray and old-print faces; 20-80x slower), auto (hog, then cnn on photos where hog finds none).")
+flags.DEFINE_enum("detector", "auto", ["hog", "cnn", "auto"], "Face detector: auto (hog on colour photos, cnn on "
+                  "gray or sepia ones and where hog finds no face), hog (fast; misses most old-print faces), cnn "
+                  "(finds the most; 20-80x slower than hog).")
 flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
                      "each step about 4x slower).", lower_bound=0, upper_bound=3)
 flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core beyond the first, "

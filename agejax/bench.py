@@ -128,7 +128,7 @@ def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: in
           "images_per_s": round(rate, 1)}
 
 
-def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "hog") -> dict:
+def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "auto") -> dict:
   """Photos/s and faces/s of `predict` (`predict_lib.predict_files`) over a folder of `count` images
   built from scikit-image's astronaut photo: 200 px face chips (--aligned) or the whole
   512 px photo, each shifted, mirrored and brightened a little so no two files are the same;
@@ -193,7 +193,7 @@ def main(argv=None):
   ap.add_argument("--data_dir", default=None, help="pipeline mode: where datasets are built")
   ap.add_argument("--workers", type=int, default=0, help="pipeline mode: grain worker processes; predict "
                   "mode: face detection processes")
-  ap.add_argument("--detector", default="hog", help="predict mode: hog, cnn or auto")
+  ap.add_argument("--detector", default="auto", help="predict mode: auto, hog or cnn")
   ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",

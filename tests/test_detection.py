@@ -21,7 +21,7 @@ def astronaut_small():
 
 def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
   colour, old = astronaut_small
-  hog0, hog1 = faces.FaceAligner(upsample=0), faces.FaceAligner(upsample=1)
+  hog0, hog1 = faces.FaceAligner(detector="hog", upsample=0), faces.FaceAligner(detector="hog", upsample=1)
   assert len(hog0.detect(colour)) == 0 and len(hog1.detect(colour)) == 1  # 45 px: needs one upsampling
   cnn, auto = faces.FaceAligner(detector="cnn", upsample=1), faces.FaceAligner(detector="auto", cnn_upsample=1)
   assert len(hog1.detect(old)) == 0                                      # HOG loses the gray, blurred face

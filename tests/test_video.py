@@ -39,7 +39,8 @@ def _write_video(path, frames, fps=10):
   h, w = frames[0].shape[:2]
   writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
                                        macro_block_size=2, output_params=["-loglevel", "error"])
-  writer.send(None)
+  with video._quiet_fork():  # ffmpeg's fork-and-exec beside JAX's threads is safe
+    writer.send(None)
   for f in frames:
     writer.send(np.ascontiguousarray(f))
   writer.close()
