@@ -146,21 +146,42 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   assert_same_step(load_params(tmp_path / "single.npz"), load_params(tmp_path / "multi.npz"))
 
 
+def _train_steps(workdir):
+  """The train rows' steps in metrics.jsonl so far ([] before it exists; a line being written is left out)."""
+  path = workdir / "metrics.jsonl"
+  rows = []
+  for line in (open(path).read().splitlines() if path.exists() else []):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      pass
+  return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def _start(args):
+  """A training in the background, its stderr kept."""
+  return subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir):
   extra = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=4", "--config.eval_every_epochs=100",
            "--config.log_every_steps=1"]
   run(smoke_args(tmp_path / "straight", data_dir, *extra))
   wd = tmp_path / "killed"
-  p = subprocess.Popen([sys.executable] + smoke_args(wd, data_dir, *extra), cwd=ROOT, env=env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
+  p = _start(smoke_args(wd, data_dir, *extra))
   ckpt = wd / "checkpoints"
   # Kill once step 4 is committed and training is past step 5 (mid-way, possibly mid-save of step 8).
-  while time.time() < deadline:
-    steps = [r["step"] for r in map(json.loads, open(wd / "metrics.jsonl"))] if (wd / "metrics.jsonl").exists() else []
-    if ckpt.exists() and "4" in os.listdir(ckpt) and steps and max(steps) >= 6:
-      break
-    time.sleep(0.05)
+  _wait_for(lambda: ckpt.exists() and "4" in os.listdir(ckpt) and max(_train_steps(wd), default=0) >= 6)
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert p.returncode == -signal.SIGKILL
@@ -231,27 +252,13 @@ def test_prior_bias_init_starts_coral_at_the_training_median(data_dir):
     train_lib.validate(c)
 
 
-def _train_steps(workdir):
-  return [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if r["split"] == "train"]
-
-
-def _wait_for(predicate, timeout=300):
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if predicate():
-      return
-    time.sleep(0.05)
-  raise AssertionError("timed out")
-
-
 def test_sigterm_saves_the_step_it_reached_and_resume_is_bitwise_identical(tmp_path, data_dir):
   extra = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=100", "--config.eval_every_epochs=100",
            "--config.log_every_steps=1"]
   run(smoke_args(tmp_path / "straight", data_dir, *extra))
   wd = tmp_path / "term"
-  p = subprocess.Popen([sys.executable] + smoke_args(wd, data_dir, *extra), cwd=ROOT, env=env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: (wd / "metrics.jsonl").exists() and _train_steps(wd) and max(_train_steps(wd)) >= 5)
+  p = _start(smoke_args(wd, data_dir, *extra))
+  _wait_for(lambda: max(_train_steps(wd), default=0) >= 5)
   p.send_signal(signal.SIGTERM)
   _, err = p.communicate(timeout=300)
   assert p.returncode == 143, err[-3000:]
