@@ -32,6 +32,11 @@ def setup_jax(config=None):
   if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   distributed = bool(config is not None and config.get("distributed")) or os.environ.get("AGEJAX_DISTRIBUTED") == "1"
+  if jax.default_backend() == "cpu":  # build the native kernels now, not inside a trace
+    import sys
+
+    from agejax import native
+    native.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
   if distributed:
     kwargs = {}
     if "JAX_COORDINATOR_ADDRESS" in os.environ:

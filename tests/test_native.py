@@ -158,6 +158,13 @@ def test_vmap_runs_image_sets_one_after_another():
   np.testing.assert_allclose(got, jax.vmap(_xla, in_axes=(0, None))(x, k), rtol=1e-5, atol=1e-4)
 
 
+def test_only_x86_64_cpus_with_avx2_get_the_kernels():
+  assert native.cpu_support("x86_64", "flags\t: fpu sse2 avx avx2 fma\n") is None
+  assert native.cpu_support("x86_64", "flags\t: fpu sse2 avx\n") == "this CPU has no AVX2"
+  assert "x86-64" in native.cpu_support("aarch64", "")
+  assert native.cpu_support("AMD64", "flags : avx2 avx512f") is None
+
+
 def test_turned_off_or_unbuildable_falls_back_to_xla(monkeypatch, tmp_path, caplog):
   """AGEJAX_NATIVE=0, or a compiler that fails, leave XLA's convolution, with one warning for the failure."""
   x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
@@ -172,7 +179,12 @@ def test_turned_off_or_unbuildable_falls_back_to_xla(monkeypatch, tmp_path, capl
     native._state.clear()
     with caplog.at_level(logging.WARNING):
       assert native.vector_floats() is None and native.vector_floats() is None
-    assert sum("native convolution unavailable" in r.getMessage() for r in caplog.records) == 1
+    found = [r.getMessage() for r in caplog.records if "native convolution unavailable" in r.getMessage()]
+    assert len(found) == 1 and "\n" not in found[0] and "false failed" in found[0]  # one line, naming it
+    native._state.clear()
+    said = []
+    assert native.prepare(announce=said.append) is None  # before any trace: announced, then the fallback
+    assert len(said) == 1 and "building the native CPU convolution kernels" in said[0]
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
   finally:
     native._state.clear()

@@ -6,13 +6,15 @@ oneDNN, most of all for the kernel gradient (docs/RESULTS.md), and neither XLA
 flags nor reformulations in JAX closed the gap. `kernels.cc` holds direct
 convolutions in oneDNN's style, exposed to XLA through its FFI (`jax.ffi`).
 
-It is built with the system C++ compiler and `-march=native` (so it uses AVX-512
-where the CPU has it, else AVX2) against the FFI headers jaxlib ships, once per
-source, compiler flags, jaxlib and CPU, into AGEJAX_CACHE_DIR (default
-~/.cache/agejax). A process builds into a temporary file and renames it, so
-concurrent processes never load a half-written library. Where there is no
-compiler, or it fails, agejax warns once and keeps XLA's convolution: the
-results are the same up to float rounding. AGEJAX_NATIVE=0 turns it off.
+It is built for x86-64 CPUs with AVX2 (`cpu_support` says why another CPU gets none) with
+the system C++ compiler and `-march=native` (AVX-512 where the CPU has it, else AVX2) against
+the FFI headers jaxlib ships, once per source, compiler flags, jaxlib and CPU, into
+AGEJAX_CACHE_DIR (default ~/.cache/agejax). The command-line tools build it before anything is
+traced (`prepare`, with a one-line message); `python -m agejax.native` builds it on its own. A
+process builds into a temporary file and renames it, so concurrent processes never load a
+half-written library; compiler warnings are logged. Where the CPU is not supported, there is no
+compiler, or it fails, agejax warns once, in one line, and keeps XLA's convolution: the results
+are the same up to float rounding. AGEJAX_NATIVE=0 turns it off.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 TARGETS = ("agejax_conv3x3_forward", "agejax_conv3x3_kernel_grad", "agejax_strided_forward",
            "agejax_strided_kernel_grad", "agejax_flip_swap")
 
@@ -71,6 +73,22 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_support(machine: str | None = None, cpuinfo: str | None = None) -> str | None:
+  """None where the kernels are built for this CPU (x86-64 with AVX2), else why not."""
+  machine = (machine or platform.machine()).lower()
+  if machine not in ("x86_64", "amd64"):
+    return f"the native kernels are for x86-64 CPUs; this one is {machine}"
+  if cpuinfo is None:
+    try:
+      cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return None  # no /proc (not Linux): let the compiler's -march=native decide
+  flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+  if "avx2" not in flags:
+    return "this CPU has no AVX2"
+  return None
+
+
 def library_path(compiler: str) -> Path:
   """The cached library for this source, compiler, flags, jaxlib and CPU."""
   key = hashlib.sha256()
@@ -81,17 +99,20 @@ def library_path(compiler: str) -> Path:
   return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
-def build(compiler: str, out: Path) -> None:
-  """Compiles SOURCE into `out` atomically; raises CalledProcessError with the compiler's message."""
+def build(compiler: str, out: Path) -> str:
+  """Compiles SOURCE into `out` atomically and returns the compiler's warnings (its stderr);
+  raises CalledProcessError with the compiler's message."""
   import jax.ffi  # the FFI headers ship with jaxlib
 
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp],
-                   check=True, capture_output=True, text=True)
+    # jaxlib's headers as system headers: their warnings are not ours; ours stay visible
+    done = subprocess.run([compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp],
+                          check=True, capture_output=True, text=True)
     os.replace(tmp, out)
+    return done.stderr
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -99,16 +120,26 @@ def build(compiler: str, out: Path) -> None:
 
 def _load() -> int | None:
   """Builds (if needed), loads and registers the kernels; returns their vector width in floats."""
+  reason = cpu_support()
+  if reason:
+    raise RuntimeError(reason)
   compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
   if compiler is None:
     raise RuntimeError("no C++ compiler (g++ or clang++, or $CXX) found")
   path = library_path(compiler)
   if not path.exists():
-    logging.info("agejax: compiling the native convolution kernels into %s (once per machine)", path)
+    announce = _state.get("announce")
+    if announce:
+      announce(f"agejax: building the native CPU convolution kernels into {path} (once per machine and jaxlib)")
     try:
-      build(compiler, path)
+      warnings = build(compiler, path)
     except subprocess.CalledProcessError as e:
-      raise RuntimeError(f"{compiler} failed:\n{e.stderr[-2000:]}") from e
+      log = path.with_suffix(".log")
+      log.write_text(e.stderr or "")
+      first = next((ln for ln in (e.stderr or "").splitlines() if "error" in ln), f"exit status {e.returncode}")
+      raise RuntimeError(f"{compiler} failed ({first.strip()[:200]}; the whole message: {log})") from None
+    if warnings.strip():
+      logging.warning("agejax: the C++ compiler warned building the native kernels:\n%s", warnings[-4000:])
   import jax
 
   lib = ctypes.CDLL(str(path))
@@ -130,9 +161,23 @@ def vector_floats() -> int | None:
       try:
         _state["width"] = _load()
       except Exception as e:  # no compiler, a failed build, a CPU without AVX2 ...: XLA's path stays
-        logging.warning("agejax: native convolution unavailable, using XLA's: %s", e)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        logging.warning("agejax: native convolution unavailable, using XLA's: %s", first)
         _state["width"] = None
     return _state["width"]
+
+
+def prepare(announce=None) -> int | None:
+  """Build and load the kernels now, before anything is traced, where they can apply (XLA:CPU,
+  enabled); `announce(line)` is told when a build starts. Returns `vector_floats()`."""
+  import jax
+  if not enabled() or jax.default_backend() != "cpu":
+    return None
+  _state["announce"] = announce
+  try:
+    return vector_floats()
+  finally:
+    _state.pop("announce", None)
 
 
 def require() -> int:
