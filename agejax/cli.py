@@ -19,7 +19,8 @@ def start_process() -> None:
 
 
 def setup_jax(config=None):
-  """Multi-host initialisation and CPU collectives, before any JAX computation.
+  """Multi-host initialisation and CPU collectives, before any JAX computation, then the native
+  CPU kernels' build where they apply (`agejax.native.prepare`).
 
   With `config.distributed` (or AGEJAX_DISTRIBUTED=1), `jax.distributed.initialize()`
   reads the coordinator address, process count and id from the environment
@@ -32,14 +33,15 @@ def setup_jax(config=None):
   if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   distributed = bool(config is not None and config.get("distributed")) or os.environ.get("AGEJAX_DISTRIBUTED") == "1"
-  if jax.default_backend() == "cpu":  # build the native kernels now, not inside a trace
-    import sys
-
-    from agejax import native
-    native.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
   if distributed:
     kwargs = {}
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
       kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                     num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
     jax.distributed.initialize(**kwargs)
+  # After distributed initialisation (the first backend query creates the backends): the native
+  # kernels are built now, not inside a trace.
+  import sys
+
+  from agejax import native
+  native.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
