@@ -42,8 +42,8 @@ flags.DEFINE_enum("detector", "auto", ["hog", "cnn", "auto"], "Face detector: au
                   "(finds the most; 20-80x slower than hog).")
 flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
                      "each step about 4x slower).", lower_bound=0, upper_bound=3)
-flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core beyond the first, "
-                     "for 4 or more photos; 0: detect in this process).", lower_bound=0)
+flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core, at most 8, for 4 or "
+                     "more photos; 0: detect in this process).", lower_bound=0)
 flags.DEFINE_integer("every", 0, "Videos: look for faces in every Nth frame (0: about 5 frames a second).",
                      lower_bound=0)
 
@@ -128,7 +128,7 @@ def _photos(model, files, targets) -> int:
   aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
   workers = FLAGS.workers
   if workers is None:
-    workers = max(0, min(8, os.cpu_count() or 1) - 1) if len(files) >= 4 else 0
+    workers = min(8, os.cpu_count() or 1) if len(files) >= 4 else 0  # measured: docs/PERFORMANCE.md
   records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, aligner=aligner, workers=workers,
                                       keep_photo=bool(FLAGS.annotate))
   writer = None
