@@ -136,7 +136,7 @@ def _photos(model, files, targets) -> int:
     writer = csv.writer(sys.stdout)
     writer.writerow(predict_lib.CSV_HEADER)
   errors = 0
-  for rec in tqdm(records, total=len(files), unit="file", disable=len(files) < 5, file=sys.stderr):
+  for rec in tqdm(records, total=len(files), unit="file", disable=len(files) < 2, file=sys.stderr):
     rgb = rec.pop("_rgb", None)
     if "error" not in rec and FLAGS.annotate:
       try:
