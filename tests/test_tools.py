@@ -259,7 +259,7 @@ def test_compare_torch_parses_cases_beyond_its_default_list():
 
 
 def test_compare_torch_gpu_preset_runs_both_sides_in_bf16_with_torch_compile():
-  """--gpu is issue 3's GPU table: batch 32 and 256 of the training cases plus the paper's 32-image forward."""
+  """--gpu is the GPU table's set: batch 32 and 256 of the training cases plus the paper's 32-image forward."""
   ct = _compare_torch()
   a = ct.parse_args(["--torch_python", "py", "--gpu", "--torch_ref", "ref.py"])
   assert {(m, s) for m, s, _, mode in a.cases if mode == "train"} == {("tiny", 64), ("thin", 64), ("thin", 224), ("resnet34", 112)}
