@@ -62,7 +62,8 @@ class Estimator:
   def answer(self, paths: list[str], aligned: bool = False, names: list[str] | None = None,
              thorough: bool = False) -> Answer:
     """Predictions for the photo files `paths` (shown as `names`, default their base names);
-    `thorough` finds faces with dlib's CNN detector (THOROUGH_DETECTOR) instead of HOG."""
+    `thorough` finds faces with dlib's CNN detector (THOROUGH_DETECTOR) instead of the default
+    `auto` detector."""
     names = names or [os.path.basename(p) for p in paths]
     shown = dict(zip(paths, names))
     ans = Answer([], [], None, [], [])
@@ -175,10 +176,8 @@ def build_app(estimator: Estimator, work_dir: str):
         names.append("webcam snapshot")
       ans = estimator.answer(paths, aligned=bool(aligned), names=names, thorough=bool(thorough))
     finally:
-      for p in paths:  # keep no upload
-        if not p.startswith(request_dir):
-          _remove(p)
-      _remove(os.path.join(request_dir, "webcam.png"))
+      for p in paths:  # keep no upload (the snapshot included)
+        _remove(p)
     json_path, csv_path = write_results(ans.records, request_dir)
     n_faces = len(ans.table)
     summary = f"**{n_faces} face{'s' if n_faces != 1 else ''}** in {len(ans.images)} photo{'s' if len(ans.images) != 1 else ''}."

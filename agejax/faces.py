@@ -86,7 +86,6 @@ class FaceAligner:
     self.hog = dlib.get_frontal_face_detector() if detector in ("hog", "auto") else None
     self.cnn = (dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
                 if detector in ("cnn", "auto") else None)
-    self.detector = self.hog or self.cnn
     self.cnn_upsample = upsample if detector == "cnn" else cnn_upsample
     self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
     self.settings = dict(chip_size=chip_size, padding=padding, upsample=upsample, threshold=threshold,
@@ -218,7 +217,7 @@ def _one_face_chips(archive: str, aligner: "FaceAligner", count: int):
       if not m.isfile():
         continue
       img = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
-      rects = aligner.detector(img, 1)
+      rects = aligner.hog(img, 1)
       if len(rects) == 1:
         found += 1
         yield img, aligner.predictor(img, rects[0])
@@ -241,7 +240,7 @@ def calibrate_padding(archive: str, count: int = 60, paddings=(0.15, 0.185, 0.19
     orig.append(_eye_centres(shape))
     for p in paddings:
       chip = np.asarray(aligner.dlib.get_face_chip(img, shape, size=200, padding=p))
-      rects = aligner.detector(chip, 1)
+      rects = aligner.hog(chip, 1)
       if len(rects) == 1:
         per_pad[p].append(_eye_centres(aligner.predictor(chip, rects[0])))
 

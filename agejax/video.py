@@ -132,9 +132,7 @@ class _Track:
   race: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
-def _summary(model, probs: np.ndarray, key: str, names_key: str) -> dict | None:
-  if probs is None:
-    return None
+def _summary(model, probs: np.ndarray, names_key: str) -> dict:
   names = model.meta[names_key]
   k = int(np.argmax(probs))
   return {"label": names[k], "prob": float(probs[k]), "probs": {n: round(float(p), 4) for n, p in zip(names, probs)}}
@@ -204,7 +202,7 @@ def analyse(model, path: str, every: int = 0, aligner: faces_lib.FaceAligner | N
            "std": float(ldl.distribution_std(mean, model.grid)), "interval90": (low, high)}
     for key, values, names in (("gender", t.gender, "gender_names"), ("race", t.race, "race_names")):
       if values:
-        rec[key] = _summary(model, np.mean(values, axis=0), key, names)
+        rec[key] = _summary(model, np.mean(values, axis=0), names)
     out_tracks.append(rec)
   return {"file": path, "fps": fps, "width": info["size"][0], "height": info["size"][1], "frames": count,
           "every": every, "tracks": out_tracks, "frame_faces": frame_faces}

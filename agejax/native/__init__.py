@@ -89,6 +89,11 @@ def cpu_support(machine: str | None = None, cpuinfo: str | None = None) -> str |
   return None
 
 
+def find_compiler() -> str | None:
+  """$CXX, else g++, else clang++; None where there is none."""
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
 def library_path(compiler: str) -> Path:
   """The cached library for this source, compiler, flags, jaxlib and CPU."""
   key = hashlib.sha256()
@@ -123,7 +128,7 @@ def _load() -> int | None:
   reason = cpu_support()
   if reason:
     raise RuntimeError(reason)
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+  compiler = find_compiler()
   if compiler is None:
     raise RuntimeError("no C++ compiler (g++ or clang++, or $CXX) found")
   path = library_path(compiler)

@@ -6,7 +6,7 @@ import sys
 from agejax import native
 
 width = native.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
-compiler = native.os.environ.get("CXX") or native.shutil.which("g++") or native.shutil.which("clang++")
+compiler = native.find_compiler()
 print(json.dumps({"vector_floats": width, "library": str(native.library_path(compiler)) if width and compiler else None,
                   "cpu_support": native.cpu_support() or "ok", "enabled": native.enabled()}))
 sys.exit(0 if width else 1)
