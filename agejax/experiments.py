@@ -96,6 +96,9 @@ SUITES = {
         "gaussian_nll": ("configs/utkface.py:face_resnet,gaussian_nll", "Gaussian NLL, face-pretrained trunk"),
         "mtmsa": ("configs/utkface.py:face_resnet,gaussian_nll,multitask --config.model.msa_stages=(3,4)",
                   "MTMSA: MSA after levels 3 and 4, gender and race heads, Gaussian loss"),
+        "mtmsa_trunk003": ("configs/utkface.py:face_resnet,gaussian_nll,multitask --config.model.msa_stages=(3,4) "
+                           "--config.optimizer.trunk_lr_factor=0.03",
+                           "MTMSA with the trunk at 0.03x the heads' learning rate (0.1x in `mtmsa`)"),
         "mtmsa_no_msa": ("configs/utkface.py:face_resnet,gaussian_nll,multitask",
                          "MTMSA without MSA: gender and race heads, Gaussian loss"),
         "coral2019_dldl_v2": ("configs/utkface.py:coral2019,face_resnet,dldl_v2",
