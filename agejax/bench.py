@@ -7,8 +7,10 @@
     python -m agejax.bench --mode predict --count 64 --workers 1     # photos, detection in a worker
     python -m agejax.bench --mode detect --utkface UTKFace.tar.gz    # detectors' recall on hard photos
 
-Training step = forward, DLDL-v2 loss, backward and Adam update, jitted with the
-state donated (what train.py runs, minus augmentation and data loading).
+Training step = train.py's own `train_lib.train_step` (forward, DLDL-v2 loss, backward, Adam
+update, the logged metrics), jitted with the state donated, augmentation off and no data
+loading; inference = `train_lib.eval_step` without flips. `--ops plain` times the plain Flax
+layers instead of the XLA:CPU ones on a CPU.
 Random inputs; warm-up steps first, then the median over --repeats windows of
 --steps steps each. FLOPs per image come from XLA's cost analysis of the
 compiled step.
@@ -31,56 +33,67 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agejax import hugepages, ldl, losses, models, native
+from agejax import cpu, ldl, models
+
+
+# What `train_lib.train_step` reads of a config: DLDL-v2 as train.py runs it, augmentation off.
+STEP_CONFIG = {"augment": {"flip": 0.0, "grayscale": 0.0, "rescale": False, "rotate": 0.0, "color_jitter": 0.0,
+                           "translate": 0.0},
+               "loss": {"name": "dldl_v2", "lam": 1.0, "sigma": 2.0, "min_sigma": 0.0, "kl_reduction": "sum",
+                        "lam_mean": 0.2, "lam_var": 0.05, "alpha": 1.0, "gender_weight": 1.0, "race_weight": 1.0,
+                        "stage1_epochs": 0, "stage1_steps": 0},
+               "debug_nan_step": -1}
 
 
 def make_steps(model, variables, batch: int, size: int):
+  """(state, batch, train, infer): train.py's `train_lib.train_step` (Adam, donated state) and
+  `train_lib.eval_step` without flips, jitted for random uint8 images."""
+  import functools
+
+  import ml_collections
+
+  from agejax import objectives, train_lib
   grid = ldl.label_grid()
+  objective = objectives.get("dldl_v2")
   tx = optax.adam(1e-3, eps=1e-7)
-  state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {}),
-           "opt": tx.init(variables["params"])}
-  x = jax.random.normal(jax.random.PRNGKey(1), (batch, size, size, 3))
+  config = ml_collections.ConfigDict(STEP_CONFIG)
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                               batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(variables["params"]),
+                               rng=jax.random.PRNGKey(0))
+  images = jax.random.randint(jax.random.PRNGKey(1), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
   ages = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 101).astype(jnp.float32)
-
-  def train(state, x, ages):
-    def loss_fn(params):
-      out, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]}, x, train=True,
-                             mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
-      return jnp.mean(losses.dldl_v2(out["age_logits"], ages, 2.0, grid)), upd
-    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "batch_stats": upd["batch_stats"], "opt": opt}, loss
-
-  def infer(state, x):
-    out = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, x, train=False)
-    return ldl.expectation_from_logits(out["age_logits"], grid)
-
-  return state, x, ages, jax.jit(train, donate_argnums=(0,)), jax.jit(infer)
+  data = {"image": images, "age": ages, "index": jnp.arange(batch)}
+  train = jax.jit(functools.partial(train_lib.train_step, model=model, tx=tx, objective=objective, grid=grid,
+                                    config=config), donate_argnums=(0,))
+  infer = jax.jit(functools.partial(train_lib.eval_step, model=model, objective=objective, grid=grid,
+                                    flip_tta=False))
+  return state, data, train, infer
 
 
-def flops_of(jitted, *args) -> float | None:
-  """XLA's FLOP count for a jitted step, traced with XLA's convolutions: its cost analysis sees no
-  FLOPs inside agejax's native convolution (a custom call). A fresh jit, so the timed one's trace is untouched."""
-  fn = getattr(jitted, "__wrapped__", jitted)
+def flops_of(model_name: str, dtype: str, size: int, batch: int, mode: str) -> float | None:
+  """XLA's FLOP count of the step on the plain Flax layers: its cost analysis sees no FLOPs inside
+  agejax's native CPU convolutions (custom calls), and the plain layers compute the same function."""
   try:
-    with native.disabled():
-      cost = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
+    model = models.create(model_name, dtype=dtype, ops="plain")
+    state, data, train, infer = make_steps(model, models.init(model, jax.random.PRNGKey(0), size), batch, size)
+    step = train if mode == "train" else infer
+    cost = step.lower(state, data).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)) or None
   except Exception:  # cost analysis is best effort across backends
     return None
 
 
-def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: int, dtype: str) -> dict:
-  model = models.create(model_name, dtype=dtype)
+def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: int, dtype: str,
+        ops: str = "auto") -> dict:
+  model = models.create(model_name, dtype=dtype, ops=ops)
   variables = models.init(model, jax.random.PRNGKey(0), size)
-  state, x, ages, train, infer = make_steps(model, variables, batch, size)
-  if mode == "train":  # step returns (state, output); a train step has no output but its new state
-    flops = flops_of(train, state, x, ages)
-    step = lambda s: (train(s, x, ages)[0], None)
+  state, data, train, infer = make_steps(model, variables, batch, size)
+  flops = flops_of(model_name, dtype, size, batch, mode)
+  if mode == "train":  # step returns (state, output); a train step's output is its new state
+    step = lambda s: (train(s, data)[0], None)
   else:  # one forward pass a step; the state passes through unchanged
-    flops = flops_of(infer, state, x)
-    step = lambda s: (s, infer(s, x))
+    step = lambda s: (s, infer(s, data))
   for _ in range(2):
     state, out = step(state)
   jax.block_until_ready((state, out))
@@ -96,17 +109,14 @@ def run(model_name: str, size: int, batch: int, mode: str, steps: int, repeats: 
   faults = (_page_faults() - faults) / (repeats * steps)
   return {"framework": "jax", "version": jax.__version__, "model": model_name, "mode": mode, "size": size,
           "batch": batch, "dtype": dtype, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-          "params": models.count_params(variables["params"]),
+          "ops": model.trunk.ops.name, "params": models.count_params(variables["params"]),
           "gflops_per_image": round(flops / batch / 1e9, 3) if flops else None,
-          "images_per_s": round(statistics.median(rates), 2),
-          "malloc": "hugetlb" if hugepages.active() else "default",
-          # vector width of agejax's native CPU convolution (16 AVX-512, 8 AVX2); null: XLA's only
-          "native_conv_floats": native.vector_floats() if jax.default_backend() == "cpu" else None,
+          "images_per_s": round(statistics.median(rates), 2), **cpu.describe(),
           "page_faults_per_step": round(faults)}
 
 
 def _page_faults() -> int:
-  """Minor page faults of this process so far: fresh memory faulted in (see agejax/hugepages.py)."""
+  """Minor page faults of this process so far: fresh memory faulted in (see agejax/cpu/hugepages.py)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
@@ -202,6 +212,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--ops", default="auto", choices=list(models.ops.KINDS),
+                  help="train/infer modes: the layers (auto: XLA:CPU's on one CPU device, else plain Flax)")
   a = ap.parse_args(argv)
   if a.mode == "predict":
     print(json.dumps(predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector)))
@@ -213,7 +225,7 @@ def main(argv=None):
   if a.mode == "pipeline":
     print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))
     return
-  print(json.dumps(run(a.model, a.size, a.batch, a.mode, a.steps, a.repeats, a.dtype)))
+  print(json.dumps(run(a.model, a.size, a.batch, a.mode, a.steps, a.repeats, a.dtype, a.ops)))
 
 
 if __name__ == "__main__":

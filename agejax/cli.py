@@ -11,16 +11,15 @@ import os
 
 
 def start_process() -> None:
-  """Before JAX loads: agejax's XLA:CPU flags (`xla_cpu`), then the huge-pages re-execution
-  (`hugepages`), which inherits them. Standard library only."""
-  from agejax import hugepages, xla_cpu
-  xla_cpu.apply_defaults()
-  hugepages.reexec_with_hugepages()
+  """Before JAX loads: agejax's XLA:CPU flags and huge-page re-execution (`agejax.cpu.start_process`).
+  Standard library only."""
+  from agejax import cpu
+  cpu.start_process()
 
 
 def setup_jax(config=None):
   """Multi-host initialisation and CPU collectives, before any JAX computation, then the native
-  CPU kernels' build where they apply (`agejax.native.prepare`).
+  CPU kernels' build where they apply (`agejax.cpu.prepare`).
 
   With `config.distributed` (or AGEJAX_DISTRIBUTED=1), `jax.distributed.initialize()`
   reads the coordinator address, process count and id from the environment
@@ -43,5 +42,5 @@ def setup_jax(config=None):
   # kernels are built now, not inside a trace.
   import sys
 
-  from agejax import native
-  native.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
+  from agejax import cpu
+  cpu.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))

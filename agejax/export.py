@@ -31,25 +31,25 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   import jax.numpy as jnp
   from jax import export as jax_export
 
-  from agejax import faces, native, objectives
-  from agejax.data import augment, labels
+  from agejax import faces, objectives, preprocessing, train_lib
+  from agejax.data import labels
 
   config = trainer.config
   variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   if weights_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"weights_dtype {weights_dtype!r}: float32 or bfloat16.")
   stored = jax.tree_util.tree_map(lambda a: np.asarray(a, jnp.dtype(weights_dtype)), variables)
-  model, objective, grid = trainer.model, trainer.objective, trainer.grid
+  # The plain Flax/XLA layers: standard XLA ops only, which every platform compiles with its own kernels.
+  model, objective, grid = train_lib.make_model(config, ops="plain"), trainer.objective, trainer.grid
   size = config.image_size
 
   def predict(images):
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), stored)
     apply = lambda x: model.apply(variables, x, train=False)
-    return objectives.predict_images(objective, apply, augment.normalize(images), grid, flip=True)
+    return objectives.predict_images(objective, apply, preprocessing.normalize(images), grid, flip=True)
 
   b, = jax_export.symbolic_shape("b")
-  with native.disabled():  # portable: no machine-specific custom calls in the artifact
-    exp = jax_export.export(jax.jit(predict), platforms=PLATFORMS)(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
+  exp = jax_export.export(jax.jit(predict), platforms=PLATFORMS)(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "model.jaxexport"), "wb") as f:
     f.write(exp.serialize())

@@ -286,12 +286,14 @@ def _nest(weights: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
   return tree
 
 
-def dlib_face_resnet(path: str | None = None):
-  """(FaceDescriptor module, its variables) for dlib's network at `path` (default: the installed file)."""
+def dlib_face_resnet(path: str | None = None, ops="auto"):
+  """(FaceDescriptor module, its variables) for dlib's network at `path` (default: the installed file);
+  `ops` as in `models.create`."""
+  from agejax import models
   path = path or default_path()
   weights = read_dlib_weights(path)
   fc = weights.pop("fc")
-  return face_resnet.FaceDescriptor(), {"params": {"trunk": _nest(weights), "fc": fc}}
+  return face_resnet.FaceDescriptor(ops=models.resolve_ops(ops)), {"params": {"trunk": _nest(weights), "fc": fc}}
 
 
 def dlib_descriptors(module, variables, chips, batch_size: int = 64) -> np.ndarray:
@@ -323,14 +325,13 @@ def batch_norm_trunk(trunk: dict[str, Any], images, epsilon: float = 1e-5) -> di
   statistics (m, v) gives g z + b exactly at those statistics, in training and in
   inference. The convolutions keep their weights; Affine_k becomes BatchNorm_k.
   """
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
   from flax.traverse_util import flatten_dict, unflatten_dict
 
-  from agejax.models.conv import Conv
-
   module = face_resnet.FaceResNetTrunk(norm="affine")
-  _, state = jax.jit(lambda p, x: module.apply({"params": p}, x, capture_intermediates=lambda m, _: isinstance(m, Conv),
+  _, state = jax.jit(lambda p, x: module.apply({"params": p}, x, capture_intermediates=lambda m, _: isinstance(m, nn.Conv),
                                                mutable=["intermediates"]))(trunk, jnp.asarray(images, jnp.float32))
   outputs = flatten_dict(state["intermediates"])
   params, stats = {}, {}

@@ -80,6 +80,8 @@ def validate(config: ml_collections.ConfigDict):
   if config.model.age_bias_init == "prior" and config.loss.name not in objectives.PRIOR_BIAS_LOSSES:
     raise ValueError(f"config.model.age_bias_init=prior sets logit P(y > l_k) as the biases of the losses "
                      f"{objectives.PRIOR_BIAS_LOSSES}, not of {config.loss.name!r}.")
+  if config.model.ops not in models.ops.KINDS:
+    raise ValueError(f"config.model.ops: {config.model.ops!r} is not one of {models.ops.KINDS}.")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.model.dtype: {config.model.dtype!r} is not float32, bfloat16 or float16.")
 
@@ -89,14 +91,16 @@ def make_grid(config) -> jax.Array:
   return ldl.label_grid(g.start, g.stop, g.step)
 
 
-def make_model(config) -> nn.Module:
+def make_model(config, ops: str | None = None) -> nn.Module:
+  """The configured network; its layers `ops` (default `config.model.ops`; "auto": the XLA:CPU set on
+  a single CPU device, the plain Flax set elsewhere, see `models.resolve_ops`)."""
   obj = objectives.get(config.loss.name)
   grid = config.label_grid
   return models.create(
       config.model.name, age_head=obj.age_head, num_labels=int(make_grid(config).shape[0]),
       age_center=(grid.start + grid.stop) / 2, gender=config.model.gender, race=config.model.race,
       dtype=config.model.dtype, msa_stages=tuple(config.model.msa_stages), msa_rates=tuple(config.model.msa_rates),
-      msa_reduction=config.model.msa_reduction, norm=config.model.norm)
+      msa_reduction=config.model.msa_reduction, norm=config.model.norm, ops=ops or config.model.ops)
 
 
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

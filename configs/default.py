@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
       name="thin", dtype="float32", gender=False, race=False,
       msa_stages=(), msa_rates=(1, 2, 5), msa_reduction=4, norm="",
       pretrained="",           # "dlib" (or a .dat path): start the face_resnet trunk from dlib's face ResNet
-      age_bias_init="zeros"))  # "prior": coral / ranking_bce biases = logit P(y > l_k) of the training ages
+      age_bias_init="zeros",   # "prior": coral / ranking_bce biases = logit P(y > l_k) of the training ages
+      ops="auto"))             # layers: auto (XLA:CPU's on one CPU device, else plain Flax) | plain | cpu
   c.loss = ml_collections.ConfigDict(dict(
       name="dldl_v2", lam=1.0, sigma=2.0, min_sigma=0.0, kl_reduction="sum",
       lam_mean=0.2, lam_var=0.05, alpha=1.0, gender_weight=1.0, race_weight=1.0,

@@ -1,4 +1,4 @@
-"""The entry points' one re-execution with glibc's huge-page tunable (agejax/hugepages.py)."""
+"""The entry points' one re-execution with glibc's huge-page tunable (agejax/cpu/hugepages.py)."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from agejax import hugepages
+from agejax.cpu import hugepages
 
 SUPPORTED = dict(libc=(2, 36), mode="madvise")
 
@@ -47,7 +47,7 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
 SCRIPT = """
 import json, os, sys
 print("start", flush=True)
-from agejax import hugepages
+from agejax.cpu import hugepages
 hugepages.reexec_with_hugepages()
 print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "argv": sys.argv[1:],
                   "utf8_mode": sys.flags.utf8_mode, "jax_loaded": "jax" in sys.modules}))

@@ -1,6 +1,7 @@
 """The package's layering, read from its source (every `import`, also inside functions): no import
 cycles; the pure core (ldl, losses, metrics, objectives, summaries) imports only itself and the
-label names; models never import the trainer, evaluation, datasets or the command-line tools."""
+label names; models never import the trainer, evaluation, data or the command-line tools; the XLA:CPU
+code (agejax.cpu) imports no other part of agejax and is entered through its package only."""
 
 import ast
 import os
@@ -74,7 +75,7 @@ def _cycles(graph):
 
 def test_no_import_cycles():
   graph = _graph()
-  assert "agejax.evaluate_lib" in graph and "agejax.models.conv" in graph
+  assert "agejax.evaluate_lib" in graph and "agejax.cpu.conv" in graph
   assert _cycles(graph) == []
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
 
@@ -87,3 +88,17 @@ def test_the_core_and_the_models_import_nothing_above_them():
     if name.startswith("agejax.models"):
       above = {d for d in deps if d.startswith(ABOVE_MODELS)}
       assert not above, f"{name} imports {above}"
+
+
+def test_models_stand_beside_the_data_and_above_the_cpu_boundary():
+  graph = _graph()
+  for name, deps in graph.items():
+    if name.startswith("agejax.models"):
+      assert not {d for d in deps if d.startswith("agejax.data")}, f"{name} imports the data package"
+      assert not {d for d in deps if d.startswith("agejax.cpu.")}, f"{name} reaches inside agejax.cpu"
+    if name.startswith("agejax.cpu"):
+      assert {d for d in deps if not d.startswith("agejax.cpu")} == set(), f"{name} imports {deps}"
+    else:
+      inside = {d for d in deps if d.startswith("agejax.cpu.")}
+      assert not inside, f"{name} imports {inside}: agejax.cpu's entry points are in its package"
+  assert "agejax.cpu" in graph["agejax.models.ops"]

@@ -1,4 +1,4 @@
-"""The native 3x3 convolution (agejax/native): same numbers as XLA's, taken only where it applies."""
+"""The native 3x3 convolution (agejax/cpu/native): same numbers as XLA's, taken only where it applies."""
 
 import logging
 
@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agejax import native
+from agejax.cpu import native
 from agejax.models import conv
-from agejax.native import conv3x3 as nc
-from agejax.native import strided as ns
+from agejax.cpu.native import conv3x3 as nc
+from agejax.cpu.native import strided as ns
 
 pytestmark = pytest.mark.cpu_lowering
 WIDTH = native.vector_floats()

@@ -14,17 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MEAN = (0.5958, 0.4637, 0.4065)
-STD = (0.2693, 0.2409, 0.2352)
+from agejax.preprocessing import MEAN, STD, normalize  # noqa: F401 (the test-time preprocessing)
+
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # numpy: importing creates no JAX backend
 
 DEFAULTS = {"flip": 0.5, "grayscale": 0.5, "rescale": True, "rotate": 15.0, "color_jitter": 0.4, "translate": 0.0}
-
-
-def normalize(images) -> jax.Array:
-  """uint8 (or [0, 255] float) RGB -> the network's input: (x / 255 - mean) / std, float32."""
-  x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.array(MEAN)) / jnp.array(STD)
 
 
 def _gray(img):

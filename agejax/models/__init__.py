@@ -4,7 +4,9 @@
     variables = model.init(jax.random.PRNGKey(0), images, train=False)
     outputs = model.apply(variables, images, train=False)   # dict of head outputs
 
-`variables` is a plain pytree {"params": ..., "batch_stats": ...}.
+`variables` is a plain pytree {"params": ..., "batch_stats": ...}. Every trunk builds its
+convolutions, batch norms and max-pools from an op set (`models.ops`): the plain Flax/XLA layers,
+or on a single CPU device agejax's XLA:CPU layers, with the same variables.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from agejax.models.attention import MultiScaleAttention
 from agejax.models.face_resnet import FaceResNetTrunk
 from agejax.models.heads import AGE_HEADS, Heads
+from agejax.models.ops import PLAIN, Ops, select
 from agejax.models.resnet import STAGE_SIZES, ResNetTrunk
 from agejax.models.vgg import VGGTrunk
 
@@ -31,10 +34,10 @@ class AgeNet(nn.Module):
     return self.heads(self.trunk(images, train=train))
 
 
-def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction, norm) -> nn.Module:
+def _trunk(name: str, dtype, msa_stages, msa_rates, msa_reduction, norm, ops: Ops) -> nn.Module:
   if name == "mtmsa":
     name, msa_stages = "resnet34", tuple(msa_stages) or (3, 4)
-  msa = dict(msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates), msa_reduction=msa_reduction)
+  msa = dict(msa_stages=tuple(msa_stages), msa_rates=tuple(msa_rates), msa_reduction=msa_reduction, ops=ops)
   blocks = 4 if name in STAGE_SIZES else 5
   if any(not 1 <= s <= blocks for s in msa["msa_stages"]):
     raise ValueError(f"msa_stages {msa['msa_stages']}: the {name} trunk has "
@@ -58,7 +61,8 @@ MODEL_NAMES = ("thin", "tiny", "vgg16", "resnet18", "resnet34", "mtmsa", "face_r
 
 def create(name: str, *, age_head: str = "distribution", num_labels: int = 101, age_center: float = 50.0,
            gender: bool = False, race: bool = False, dtype: Any = jnp.float32,
-           msa_stages=(), msa_rates=(1, 2, 5), msa_reduction: int = 4, norm: str = "") -> AgeNet:
+           msa_stages=(), msa_rates=(1, 2, 5), msa_reduction: int = 4, norm: str = "",
+           ops: str | Ops = "auto") -> AgeNet:
   """Build a network by name. `dtype` is the compute dtype; parameters stay float32.
 
   "mtmsa" is ResNet-34 with MSA after stages 3 and 4 (unless `msa_stages` says
@@ -67,11 +71,21 @@ def create(name: str, *, age_head: str = "distribution", num_labels: int = 101, 
   `race`) for every trunk. "face_resnet" is dlib's face-recognition ResNet
   (models/face_resnet.py; pretrained weights from `agejax.pretrained`), its
   normalisation layers `norm` = "affine" (dlib's, the default) or "batch".
+  `ops`: "auto" (the XLA:CPU layers on a single CPU device, the plain ones elsewhere: `resolve_ops`),
+  "plain", "cpu" or an `Ops`.
   """
   if isinstance(dtype, str):
     dtype = jnp.dtype(dtype)
-  trunk = _trunk(name, dtype, msa_stages, msa_rates, msa_reduction, norm)
+  trunk = _trunk(name, dtype, msa_stages, msa_rates, msa_reduction, norm, resolve_ops(ops))
   return AgeNet(trunk, Heads(age_head, num_labels, age_center, gender, race))
+
+
+def resolve_ops(ops: str | Ops = "auto", devices=None) -> Ops:
+  """An `Ops` as given, or the set `select` picks for `devices` (default: every device JAX sees)."""
+  if isinstance(ops, Ops):
+    return ops
+  devices = jax.devices() if devices is None else list(devices)
+  return select(ops, devices[0].platform, len(devices))
 
 
 def count_params(params) -> int:
@@ -85,4 +99,5 @@ def init(model: nn.Module, rng, image_size: int, batch: int = 1):
   return jax.jit(lambda r: model.init({"params": r, "dropout": r}, x, train=False))(rng)
 
 
-__all__ = ["AgeNet", "Heads", "MultiScaleAttention", "AGE_HEADS", "MODEL_NAMES", "create", "count_params", "init"]
+__all__ = ["AgeNet", "Heads", "MultiScaleAttention", "Ops", "PLAIN", "AGE_HEADS", "MODEL_NAMES", "create",
+           "count_params", "init", "resolve_ops", "select"]

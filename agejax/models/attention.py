@@ -17,36 +17,40 @@ ResNet-34. The design below is agejax's, chosen so that it can be ablated:
 The residual gate F + F * sigmoid(M) keeps the identity path, so inserting the
 module never blocks gradients and, at initialisation, only rescales features.
 Rates, reduction and placement (after which ResNet stages) are configuration.
+Layers come from `ops` (models/ops.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from agejax.models.batch_norm import BatchNorm
-from agejax.models.conv import Conv
+from agejax.models.ops import PLAIN, Ops, conv_init
 
 
 class MultiScaleAttention(nn.Module):
   """Residual attention gate from stacked convolutions of alternating dilation."""
   rates: Sequence[int] = (1, 2, 5)
   reduction: int = 4
+  ops: Ops = PLAIN
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     channels = x.shape[-1]
     hidden = max(channels // self.reduction, 8)
-    bn = lambda: BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    h = nn.relu(bn()(Conv(hidden, 1, dtype=self.dtype)(x)))
+    conv = functools.partial(self.ops.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    bn = functools.partial(self.ops.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                           dtype=self.dtype)
+    h = nn.relu(bn()(conv(hidden, (1, 1), padding=0)(x)))
     scales = []
     for rate in self.rates:
-      h = Conv(hidden, 3, padding=rate, dilation=rate, dtype=self.dtype)(h)
+      h = conv(hidden, (3, 3), padding=rate, kernel_dilation=rate)(h)
       h = nn.relu(bn()(h))
       scales.append(h)
-    m = Conv(channels, 1, dtype=self.dtype)(jnp.concatenate(scales, axis=-1))
+    m = conv(channels, (1, 1), padding=0)(jnp.concatenate(scales, axis=-1))
     m = bn()(m)
     return x * (1.0 + nn.sigmoid(m))

@@ -17,23 +17,24 @@ Its weights (public domain) come from `agejax.pretrained`. What reproduces dlib:
   `norm="batch"` puts batch normalisation there instead, for fine-tuning; `Affine`
   and `BatchNorm` share the `scale`/`bias` names.
 - Input: dlib feeds (pixel - (122.782, 117.001, 104.298)) / 256. The trunk takes
-  agejax's normalised input (`agejax.data.augment.normalize`) and maps it to dlib's
+  agejax's normalised input (`agejax.preprocessing.normalize`) and maps it to dlib's
   exactly (both are per-channel affine maps of the pixels), so it drops into every
   training and export path unchanged; `pixels=True` takes [0, 255] RGB instead.
+
+Convolutions, batch norm and the max-pool come from `ops` (models/ops.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from agejax.data import augment
+from agejax import preprocessing
 from agejax.models.attention import MultiScaleAttention
-from agejax.models.batch_norm import BatchNorm
-from agejax.models.conv import Conv
-from agejax.models.pooling import max_pool_3x3_s2
+from agejax.models.ops import PLAIN, Ops, conv_init
 
 DLIB_MEAN = (122.782, 117.001, 104.298)
 # Blocks per level from the input side: (channels, blocks, first block is a down block).
@@ -70,7 +71,7 @@ def avg_pool_2x2(x):
 def dlib_input(x, pixels: bool):
   """agejax-normalised (or, with pixels=True, [0, 255]) RGB -> dlib's (pixel - mean) / 256."""
   if not pixels:
-    x = (x * jnp.array(augment.STD) + jnp.array(augment.MEAN)) * 255.0
+    x = (x * jnp.array(preprocessing.STD) + jnp.array(preprocessing.MEAN)) * 255.0
   return (x - jnp.array(DLIB_MEAN)) / 256.0
 
 
@@ -79,24 +80,26 @@ class FaceBlock(nn.Module):
   features: int
   down: bool = False
   norm: str = "affine"
+  ops: Ops = PLAIN
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = lambda: _norm(self.norm, train, self.dtype)
+    norm = lambda: _norm(self.norm, self.ops, train, self.dtype)
+    conv = functools.partial(self.ops.conv, use_bias=True, kernel_init=conv_init, dtype=self.dtype)
     stride = 2 if self.down else 1
-    y = Conv(self.features, 3, stride, padding=1 if stride == 1 else 0, use_bias=True, dtype=self.dtype)(x)
+    y = conv(self.features, (3, 3), stride, padding=1 if stride == 1 else 0)(x)
     y = nn.relu(norm()(y))
-    y = norm()(Conv(self.features, 3, 1, padding=1, use_bias=True, dtype=self.dtype)(y))
+    y = norm()(conv(self.features, (3, 3), padding=1)(y))
     shortcut = avg_pool_2x2(x) if self.down else x
     return nn.relu(add_padded(y, shortcut))
 
 
-def _norm(kind: str, train: bool, dtype) -> nn.Module:
+def _norm(kind: str, ops: Ops, train: bool, dtype) -> nn.Module:
   if kind == "affine":
     return Affine()
   if kind == "batch":
-    return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    return ops.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
   raise ValueError(f"norm {kind!r}: choose 'affine' (dlib's) or 'batch'.")
 
 
@@ -111,26 +114,28 @@ class FaceResNetTrunk(nn.Module):
   msa_stages: Sequence[int] = ()
   msa_rates: Sequence[int] = (1, 2, 5)
   msa_reduction: int = 4
+  ops: Ops = PLAIN
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = dlib_input(x.astype(jnp.float32), self.pixels).astype(self.dtype)
-    x = Conv(32, 7, 2, padding=0, use_bias=True, dtype=self.dtype)(x)
-    x = nn.relu(_norm(self.norm, train, self.dtype)(x))
-    x = max_pool_3x3_s2(x, pad=0)
+    x = self.ops.conv(32, (7, 7), 2, padding=0, use_bias=True, kernel_init=conv_init, dtype=self.dtype)(x)
+    x = nn.relu(_norm(self.norm, self.ops, train, self.dtype)(x))
+    x = self.ops.max_pool(x, (3, 3), (2, 2))
     for level, (features, blocks, down) in enumerate(LEVELS, start=1):
       for j in range(blocks):
-        x = FaceBlock(features, down=down and j == 0, norm=self.norm, dtype=self.dtype)(x, train)
+        x = FaceBlock(features, down=down and j == 0, norm=self.norm, ops=self.ops, dtype=self.dtype)(x, train)
       if level in self.msa_stages:
-        x = MultiScaleAttention(self.msa_rates, self.msa_reduction, dtype=self.dtype)(x, train)
+        x = MultiScaleAttention(self.msa_rates, self.msa_reduction, ops=self.ops, dtype=self.dtype)(x, train)
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 class FaceDescriptor(nn.Module):
   """The whole dlib network: uint8 or [0, 255] (B, 150, 150, 3) chips -> (B, 128) descriptors."""
+  ops: Ops = PLAIN
 
   @nn.compact
   def __call__(self, chips):
-    feats = FaceResNetTrunk(pixels=True, name="trunk")(chips.astype(jnp.float32))
+    feats = FaceResNetTrunk(pixels=True, ops=self.ops, name="trunk")(chips.astype(jnp.float32))
     return nn.Dense(DESCRIPTOR_SIZE, use_bias=False, name="fc")(feats)

@@ -9,7 +9,7 @@ pool at 224 input, a global average at other sizes.
 `msa_stages` inserts agejax's multi-scale attention (models/attention.py) after
 the convolutions of the named blocks (1-based, before the block's max-pool), as
 the ResNet trunk does after its stages, so MSA can be ablated on DLDL-v2's
-small backbones too.
+small backbones too. Layers come from `ops` (models/ops.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from agejax.models.attention import MultiScaleAttention
-from agejax.models.batch_norm import BatchNorm
-from agejax.models.conv import Conv
-from agejax.models.pooling import max_pool_2x2
+from agejax.models.ops import PLAIN, Ops, conv_init
 
 # Conv widths of VGG-16; "M" is a 2x2/2 max-pool.
 VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -44,6 +42,7 @@ class VGGTrunk(nn.Module):
   msa_stages: Sequence[int] = ()          # 1-based conv blocks followed by an MSA module
   msa_rates: Sequence[int] = (1, 2, 5)
   msa_reduction: int = 4
+  ops: Ops = PLAIN
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -53,13 +52,14 @@ class VGGTrunk(nn.Module):
     for item in self.plan:
       if item == "M":
         if block in self.msa_stages:
-          x = MultiScaleAttention(self.msa_rates, self.msa_reduction, dtype=self.dtype)(x, train)
-        x = max_pool_2x2(x)
+          x = MultiScaleAttention(self.msa_rates, self.msa_reduction, ops=self.ops, dtype=self.dtype)(x, train)
+        x = self.ops.max_pool(x, (2, 2), (2, 2))
         block += 1
         continue
-      x = Conv(int(item * self.width), 3, padding=1, use_bias=not self.batch_norm, dtype=self.dtype)(x)
+      x = self.ops.conv(int(item * self.width), (3, 3), padding=1, use_bias=not self.batch_norm,
+                        kernel_init=conv_init, dtype=self.dtype)(x)
       if self.batch_norm:
-        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+        x = self.ops.norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
       x = nn.relu(x)
     if not self.fc_dims:
       return jnp.mean(x, axis=(1, 2))  # hybrid pooling: max-pool above, then average

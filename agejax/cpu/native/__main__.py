@@ -1,9 +1,9 @@
-"""python -m agejax.native: build (or find) the native CPU kernels for this machine and say so, as JSON."""
+"""python -m agejax.cpu.native: build (or find) the native CPU kernels for this machine and say so, as JSON."""
 
 import json
 import sys
 
-from agejax import native
+from agejax.cpu import native
 
 width = native.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
 compiler = native.find_compiler()

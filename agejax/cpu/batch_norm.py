@@ -1,43 +1,30 @@
-"""Batch normalisation whose per-channel sums are matrix-vector products.
+"""Batch normalisation for XLA:CPU: `BatchNorm` is `nn.BatchNorm` with its per-channel sums as
+fused reduces and matrix-vector products (`channel_sum`), which XLA:CPU runs at memory speed.
 
-A drop-in for `nn.BatchNorm` over the last axis, with the same variables
-(params `scale`, `bias`; batch_stats `mean`, `var`), the same running-average
-update and the same "fast variance" E[x^2] - E[x]^2. Why it exists: XLA:CPU
-rewrites every large reduction into a tree of reduce-windows, and the 4
-per-channel reductions of each BN layer (2 forward, 2 backward) took about
-100 ms of a 480 ms TinyAgeNet step at 64 px. Written as short fused reduces
-and dots with a vector of ones they run at memory speed. On sharded inputs
-they reduce over the global batch, as nn.BatchNorm does.
-
-The training-mode gradient is the textbook one, written out (`normalize`):
-dx = scale * r / n * (n g - sum(g) - x_hat sum(g x_hat)), with x_hat centred
-before anything is summed, so it keeps nn.BatchNorm's precision (summing g * x
-and subtracting mean * sum(g) afterwards does not, when |mean| >> std).
+Same variables (params `scale`, `bias`; batch_stats `mean`, `var`), running-average update and
+"fast variance" E[x^2] - E[x]^2 as nn.BatchNorm; statistics in float32. On sharded inputs the sums
+run over the global batch, as nn.BatchNorm's do. The training-mode gradient is the textbook one,
+written out (`normalize`): dx = scale * r / n * (n g - sum(g) - x_hat sum(g x_hat)), with x_hat
+centred before anything is summed, so it keeps nn.BatchNorm's precision. Measurements: docs/CPU.md.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agejax.models.stored import stored
+from agejax.cpu.stored import stored
 
 
 def channel_sum(x):
   """Sum over every axis but the last, in float32: a fused reduce, then dots with ones.
 
-  Three levels, for speed and precision. First the n rows of x.reshape(n, C) are
-  summed in runs of k <= 32 by a reduce, which XLA fuses with x's producer, so
-  x * x or g * x_hat is never written out (XLA:CPU leaves reductions of <= 32
-  terms alone; longer ones become reduce-window trees). Then the n / k run sums
-  are cut into B <= 64 blocks summed by one batched matrix-vector product, and
-  the B partial sums are added. A single n-term dot was 20x less precise than
-  XLA's tree reduction, enough to flip the sign of nearly zero gradients in
-  Adam's first steps; this is more precise than the tree. The fused first level
-  made the ResNet-34 step 5% faster and TinyAgeNet's 1% (docs/RESULTS.md).
+  Three levels, for speed and precision. The n rows of x.reshape(n, C) are summed in runs
+  of k <= 32 by a reduce that XLA fuses with x's producer (x * x is never written out);
+  the n / k run sums are cut into B <= 64 blocks summed by one batched matrix-vector
+  product at HIGHEST precision; the B partial sums are added. As precise as XLA's tree
+  reduction or more (a single n-term dot was not).
   """
   c = x.shape[-1]
   n = x.size // c
@@ -77,8 +64,7 @@ def _normalize_bwd(res, cts):
   x, mean, r, scale, epsilon = res
   g, g_mean, g_var = cts
   # g and dx each feed three or more fusions (two sums and dx; the input and kernel gradients of
-  # the convolution before): stored once, XLA:CPU does not recompute ReLU, max-pool and residual
-  # gradients in each (TinyAgeNet +1.6%, ThinAgeNet +2.3%, ResNet-34 +4.7%; docs/RESULTS.md).
+  # the convolution before): stored once, so XLA:CPU does not recompute their producers in each.
   g = stored(g)
   n = x.size // x.shape[-1]
   x_hat = (x - mean.astype(x.dtype)) * r.astype(x.dtype)
@@ -94,23 +80,21 @@ def _normalize_bwd(res, cts):
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-class BatchNorm(nn.Module):
-  """nn.BatchNorm(axis=-1) with dot reductions; statistics in float32 whatever `dtype` is."""
-  use_running_average: bool | None = None
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  scale_init: Any = nn.initializers.ones
+class BatchNorm(nn.BatchNorm):
+  """`nn.BatchNorm` (same fields, variables and update) with dot reductions, over the last axis with
+  scale and bias; other uses (`axis`, `axis_name`, no scale or bias, exact variance) are nn.BatchNorm's."""
 
   @nn.compact
-  def __call__(self, x, use_running_average: bool | None = None):
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if (mask is not None or self.axis not in (-1, x.ndim - 1) or self.axis_name is not None
+        or not (self.use_scale and self.use_bias) or not self.use_fast_variance):
+      return super().__call__(x, use_running_average, mask=mask)
     use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     c = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype).astype(jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+    bias = self.param("bias", self.bias_init, (c,), self.param_dtype).astype(jnp.float32)
     x = x.astype(self.dtype or x.dtype)
     if use_ra:
       return _affine(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)

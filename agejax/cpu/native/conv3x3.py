@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from agejax import native
+from agejax.cpu import native
 
 
 MAX_CHANNEL_PRODUCT = 128 * 128  # input x output channels where the native kernel is faster
@@ -32,7 +32,7 @@ def _kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 
 def flip_swap(kernel: jax.Array) -> jax.Array:
   """kernel[::-1, ::-1].swapaxes(2, 3) for a (KH, KW, C, O) float32 kernel: the kernel a convolution's
-  input gradient convolves with, written by 32x32 tiles (3x3x512x512: 1.4 ms against 2.3 for XLA's strided loop)."""
+  input gradient convolves with, written by 32x32 tiles."""
   native.require()
   kh, kw, c, o = kernel.shape
   out = jax.ShapeDtypeStruct((kh, kw, o, c), jnp.float32)
@@ -44,8 +44,7 @@ def supported(x_shape, kernel_shape, stride: int, pad: int, dilation: int, dtype
   of the vector width.
 
   At most 128 x 128 channels: the kernel streams a 3x3xCx64 kernel block from L2 per row
-  tile; with 256 channels it ran 1.1-2.5x behind Eigen's large contraction, 1.1-4x
-  ahead below (docs/RESULTS.md).
+  tile, which pays below that size and not above (docs/CPU.md).
   """
   return (len(x_shape) == 4 and tuple(kernel_shape[:2]) == (3, 3) and (stride, pad, dilation) == (1, 1, 1)
           and x_shape[-1] * kernel_shape[-1] <= MAX_CHANNEL_PRODUCT and native.usable(dtype)
@@ -84,11 +83,10 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dil
 def xla_input_grad(x, kernel, g, stride, pad, dilation):
   """The input gradient of `xla_conv` at x for output gradient g: JAX's transposed convolution.
 
-  XLA:CPU convolves it with the kernel flipped and its channel axes swapped, a transpose
-  XLA runs as a strided loop (2.3 ms for a 3x3x512x512 kernel alone, up to 7 in ResNet-34's step). Where agejax's
-  native kernels are built, `flip_swap` writes that kernel instead, and the convolution is
-  stated on it (in HWOI order, flipped back, which XLA cancels against JAX's flip), so
-  XLA finds it already in the layout it needs.
+  XLA:CPU convolves it with the kernel flipped and its channel axes swapped, a transpose it
+  runs as a strided loop. Where the native kernels are built, `flip_swap` writes that kernel
+  instead, and the convolution is stated on it (in HWOI order, flipped back, which XLA cancels
+  against JAX's flip), so XLA finds it already in the layout it needs.
   """
   if native.usable(jnp.result_type(x, kernel)):
     swapped = flip_swap(kernel)

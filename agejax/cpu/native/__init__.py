@@ -1,16 +1,15 @@
-"""Native XLA:CPU kernels, compiled for this machine on first use.
+"""Native XLA:CPU convolution kernels, compiled for this machine before anything is traced.
 
-jaxlib's XLA:CPU computes a convolution as Eigen's im2col + contraction; on the
-16-64-channel maps of TinyAgeNet and ThinAgeNet that ran 2-5x behind PyTorch's
-oneDNN, most of all for the kernel gradient (docs/RESULTS.md), and neither XLA
-flags nor reformulations in JAX closed the gap. `kernels.cc` holds direct
-convolutions in oneDNN's style, exposed to XLA through its FFI (`jax.ffi`).
+`kernels.cc` holds direct convolutions (3x3 stride 1 forward and kernel gradient, strided
+stems over few channels, the input gradient's flipped kernel), exposed to XLA through its FFI
+(`jax.ffi`); `conv3x3` and `strided` make them differentiable JAX functions. Why they exist and
+what they bought: docs/CPU.md.
 
 It is built for x86-64 CPUs with AVX2 (`cpu_support` says why another CPU gets none) with
 the system C++ compiler and `-march=native` (AVX-512 where the CPU has it, else AVX2) against
 the FFI headers jaxlib ships, once per source, compiler flags, jaxlib and CPU, into
 AGEJAX_CACHE_DIR (default ~/.cache/agejax). The command-line tools build it before anything is
-traced (`prepare`, with a one-line message); `python -m agejax.native` builds it on its own. A
+traced (`agejax.cpu.prepare`, with a one-line message); `python -m agejax.cpu.native` builds it on its own. A
 process builds into a temporary file and renames it, so concurrent processes never load a
 half-written library; compiler warnings are logged. Where the CPU is not supported, there is no
 compiler, or it fails, agejax warns once, in one line, and keeps XLA's convolution: the results

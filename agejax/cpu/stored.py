@@ -3,7 +3,7 @@
 XLA fuses cheap elementwise producers into each of their consumers, so a value
 read by several fusions is recomputed in each, and, when a consumer is a
 transpose, recomputed in strided order from the tensors behind it. On XLA:CPU
-that recomputation cost more than storing the value once (docs/RESULTS.md).
+that recomputation cost more than storing the value once (docs/CPU.md).
 XLA does not duplicate a float division into several consumers, and
 x / (1 + 0 x) is exactly x for every finite x (denormals aside, which XLA:CPU
 flushes in every op anyway), so dividing once makes XLA compute x inside the
@@ -28,9 +28,8 @@ def stored_input(x: jax.Array) -> jax.Array:
   """Identity; under differentiation `stored(x)`, so a convolution's kernel gradient reads x stored.
 
   The kernel gradient of an XLA convolution transposes its input to batch-minor
-  order, and XLA:CPU fused x's producers (BatchNorm, ReLU, residual adds) into that
-  transpose: 13 ms instead of 5 for TinyAgeNet's second convolution at 64 px.
-  Not differentiated (inference) this is a plain identity; its gradient is the identity.
+  order, and XLA:CPU fuses x's producers (BatchNorm, ReLU, residual adds) into that
+  transpose. Not differentiated (inference) this is a plain identity; its gradient is the identity.
   """
   return x
 

@@ -1,12 +1,10 @@
 """The native strided convolution over few input channels (kernels.cc) as a differentiable JAX function.
 
-What it is for: a stem, such as ResNet's 7x7 stride-2 convolution over RGB. XLA:CPU ran
-that one at about 100 GFLOP/s forward and 75 for its kernel gradient (ResNet-34, 112 px,
-batch 32: 14-21 and 22-29 ms), a third of what it reaches on wide layers: a 147-deep
-contraction into 64 outputs is a poor shape for Eigen's im2col + GEMM. The native kernels
-take kernel columns and channels together (K*C contiguous values a kernel row), so their
-register tiles fill as on a wide layer. The input gradient is XLA's (with the kernel from
-`flip_swap`); on a first layer it is unused and XLA drops it.
+What it is for: a stem, such as ResNet's 7x7 stride-2 convolution over RGB, a poor shape for
+Eigen's im2col + GEMM (a 147-deep contraction into 64 outputs). The native kernels take kernel
+columns and channels together (K*C contiguous values a kernel row), so their register tiles
+fill as on a wide layer. The input gradient is XLA's (with the kernel from `flip_swap`); on a
+first layer it is unused and XLA drops it.
 """
 
 from __future__ import annotations
@@ -17,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from agejax import native
-from agejax.native.conv3x3 import xla_input_grad
+from agejax.cpu import native
+from agejax.cpu.native.conv3x3 import xla_input_grad
 
-MAX_INPUT_CHANNELS = 4  # RGB(A) stems: the shapes measured (docs/RESULTS.md)
+MAX_INPUT_CHANNELS = 4  # RGB(A) stems: the shapes measured (docs/CPU.md)
 
 
 def _out(size: int, k: int, stride: int, pad: int) -> int:

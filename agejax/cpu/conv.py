@@ -1,58 +1,31 @@
-"""2-D convolution that sidesteps XLA:CPU's slow path on tiny feature maps.
+"""2-D convolution for XLA:CPU: `Conv` is `nn.Conv` with the convolution computed by `conv2d`.
 
-XLA:CPU's convolution (Eigen) is pathological when the output map is 2x2 or
-when most taps of a dilated kernel fall into the padding: on a 2-core EPYC a
-3x3 512->512 convolution on a 2x2 map (ResNet stage 4 at 64 px input) took
-841 ms for forward + both gradients at batch 32, against 24 ms as a sum of
-per-tap matmuls (docs/RESULTS.md). So `conv2d` computes those cases as a sum
-over the taps that can see the image (taps that only see zero padding add
-nothing and are skipped), and leaves every other shape to XLA, which is faster
-there. Both give the same numbers up to float rounding (tested).
+`conv2d(x, kernel, stride, pad, dilation)` is `lax.conv_general_dilated` on NHWC x HWIO with
+symmetric padding, computed by whichever formulation XLA:CPU runs fastest for its shape:
 
-On one CPU device, a float32 3x3 stride-1 SAME convolution of at most 128x128 channels
-(whose output channels fill AVX-512/AVX2 vectors) runs on agejax's native direct
-convolution (`agejax/native`, compiled on first use): 1.1-4x faster than Eigen there,
-kernel gradients most of all; a strided stem over <= 4 channels (ResNet's 7x7/2) on its
-strided kernel (forward 1.6x, kernel gradient 3x). Other layers keep XLA's convolution,
-with the input gradient's kernel written by `native.flip_swap` (`xla_input_grad`).
-Everything below is what the other shapes, or machines without a C++ compiler, get.
+- `conv2d_taps`: a sum of one matmul per kernel tap that sees the image (2x2 outputs, dilated
+  kernels mostly over padding);
+- the native kernels (`agejax.cpu.native`): 3x3 SAME layers of <= 128x128 channels, strided stems;
+- `xla_conv_cpu`: XLA's convolution with a paired-column forward for RGB first layers and the
+  kernel gradient of <= 16-channel layers summed over groups of 8 images (one device only);
+- XLA's convolution, its input kept stored for the kernel gradient (`stored_input`).
 
-`stored_input` (models/stored.py) keeps XLA:CPU from recomputing a convolution's input inside its
-kernel gradient's transpose (+5% for the TinyAgeNet training step).
-
-On one CPU device, a convolution over at most 16 input channels has its kernel
-gradient summed over groups of 8 images (`xla_conv_cpu`). XLA
-computes a kernel gradient as a convolution whose contracted dimension is the
-batch, moved minor by two transposes of the whole input and output gradient; in
-groups of 8 those transposes stay in cache and Eigen's contraction runs on 8-float
-(one AVX register) rows: 18 against 24 ms for TinyAgeNet's second layer at batch
-64, 74 against 194 ms at batch 256. Unrolled: inside a `scan` XLA:CPU ran the same
-convolutions 30x slower. Wider layers gained nothing, so they keep XLA's gradient.
-On the CPU, a 3x3 first layer (<= 4 channels) runs its forward on pairs of adjacent
-columns (`conv_paired_columns`): about twice as fast.
-
-`Conv` is a drop-in for `nn.Conv` as agejax uses it: same variable names
-("kernel" HWIO, optional "bias"), shapes, initialisers and dtype handling, so
-parameter counts and checkpoints do not change.
+All give the same numbers up to float rounding (tests). Why each exists and what it bought, with
+the machines and dates: docs/CPU.md.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agejax import native
-from agejax.models.stored import stored, stored_input
-from agejax.native import conv3x3 as native_conv3x3
-from agejax.native.conv3x3 import xla_conv, xla_input_grad  # noqa: F401 (part of this module's API)
-from agejax.native import strided as native_strided
-
-# He-normal over fan-out, as DLDL-v2's official code (kaiming_normal_, mode="fan_out").
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+from agejax.cpu import native
+from agejax.cpu.native import conv3x3 as native_conv3x3
+from agejax.cpu.native import strided as native_strided
+from agejax.cpu.native.conv3x3 import xla_conv, xla_input_grad  # noqa: F401 (part of this module's API)
+from agejax.cpu.stored import stored, stored_input
 
 
 def _out_size(n: int, k: int, stride: int, pad: int, dilation: int) -> int:
@@ -107,17 +80,13 @@ def pairs_columns(in_features: int, width: int, kernel_hw: tuple[int, int], stri
 
 
 def conv_paired_columns(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """3x3 SAME convolution over <= 4 channels, computed on pairs of adjacent columns.
+  """3x3 SAME convolution over <= 4 channels (even width), computed on pairs of adjacent columns.
 
-  A first layer (RGB) gives Eigen a 27-deep contraction and O outputs, which it runs
-  at a third of its speed on wider layers. Zero-padded to 4 channels and by one pixel,
-  the input (N, H+2, W+2, 4) is read as (N, H+2, W/2+1, 8): each position holds two
-  adjacent columns, a free reshape. A 3x2 kernel over those 8 channels with 2*O outputs
-  (the 3x3 kernel placed once per output column of the pair) gives two output columns
-  per position, which reshape back to (N, H, W, O) for free. Eigen then contracts 48
-  deep into 2*O outputs: TinyAgeNet's first layer (64 px, batch 64) took 4.2 instead
-  of 8.0 ms, ThinAgeNet's 5.4 instead of 6.8 at 64 px and 28 instead of 43 at 224 px.
-  Forward only: its kernel gradient was slower (7.3 against 5.1 ms).
+  Zero-padded to 4 channels and by one pixel, the input (N, H+2, W+2, 4) is read as
+  (N, H+2, W/2+1, 8): each position holds two adjacent columns, a free reshape. A 3x2
+  kernel over those 8 channels with 2*O outputs (the 3x3 kernel placed once per output
+  column of the pair) gives two output columns per position, which reshape back to
+  (N, H, W, O) for free: a 48-deep contraction into 2*O outputs instead of 27 into O.
   """
   n, h, w, c = x.shape
   o = kernel.shape[-1]
@@ -158,7 +127,7 @@ def _cpu_bwd(stride, pad, dilation, residuals, g):
   if not group_kernel_grad(x.shape[0], x.shape[-1]):
     return dx, jax.vjp(lambda k: xla_conv(x, k, stride, pad, dilation), kernel)[1](g)[0]
   dk = jnp.zeros(kernel.shape, jnp.float32)
-  for i in range(0, x.shape[0], GROUP):  # unrolled on purpose (see the module docstring)
+  for i in range(0, x.shape[0], GROUP):  # unrolled: inside a scan XLA:CPU ran it far slower (docs/CPU.md)
     part = jax.vjp(lambda k: xla_conv(x[i:i + GROUP], k, stride, pad, dilation), kernel)[1](g[i:i + GROUP])[0]
     dk = dk + part.astype(jnp.float32)
   return dx, dk.astype(kernel.dtype)
@@ -170,10 +139,8 @@ xla_conv_cpu.defvjp(_cpu_fwd, _cpu_bwd)
 def group_kernel_grad(batch: int, in_features: int) -> bool:
   """True where the grouped kernel gradient is used: XLA:CPU, one device, whole groups, <= 16 input channels.
 
-  Measured per layer (docs/RESULTS.md): TinyAgeNet's three layers with 3-16 input channels
-  got 23-24% faster kernel gradients, ThinAgeNet's 3-channel first layer stayed within 3%,
-  and layers with 32 or more channels gained nothing. One device only: groups of
-  consecutive images would cut across the shards of a batch sharded over several.
+  One device only: groups of consecutive images would cut across the shards of a batch
+  sharded over several.
   """
   return (jax.default_backend() == "cpu" and jax.device_count() == 1
           and batch % GROUP == 0 and batch > GROUP and in_features <= 16)
@@ -195,22 +162,47 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, pad: int = 0, dilat
   return xla_conv(x, kernel, stride, pad, dilation)
 
 
-class Conv(nn.Module):
-  """`nn.Conv(features, (k, k), stride, padding=pad, kernel_dilation=dilation)` computed by `conv2d`."""
-  features: int
-  kernel_size: int = 3
-  strides: int = 1
-  padding: int = 0
-  dilation: int = 1
-  use_bias: bool = False
-  kernel_init: Callable = conv_init
-  dtype: Any = None
+def _pair(v) -> int | None:
+  """The one value of an int or a pair of equal ints (nn.Conv's strides, dilation); None otherwise."""
+  if v is None:
+    return 1
+  if isinstance(v, int):
+    return v
+  v = tuple(v)
+  return v[0] if len(v) == 2 and v[0] == v[1] and isinstance(v[0], int) else None
+
+
+def _symmetric_padding(padding, kernel: int, stride: int, dilation: int) -> int | None:
+  """nn.Conv's `padding` as one symmetric amount for both axes, or None where it is not one."""
+  if isinstance(padding, str):
+    if padding == "VALID":
+      return 0
+    if padding == "SAME" and stride == 1 and kernel % 2 == 1:
+      return dilation * (kernel - 1) // 2
+    return None
+  if isinstance(padding, int):
+    return padding
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  if len(pads) == 2 and all(len(p) == 2 and p[0] == p[1] == pads[0][0] for p in pads):
+    return int(pads[0][0])
+  return None
+
+
+class Conv(nn.Conv):
+  """`nn.Conv` (same fields, variables and initialisers) computed by `conv2d` on 4-D inputs with a
+  square kernel, equal strides and dilations and symmetric padding; other uses are `nn.Conv`'s."""
 
   @nn.compact
-  def __call__(self, x):
-    k = self.kernel_size
-    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = conv2d(x, kernel, self.strides, self.padding, self.dilation)
+  def __call__(self, inputs):
+    ks = tuple(self.kernel_size)
+    stride, dilation = _pair(self.strides), _pair(self.kernel_dilation)
+    pad = (_symmetric_padding(self.padding, ks[0], stride, dilation)
+           if len(ks) == 2 and ks[0] == ks[1] and stride and dilation else None)
+    if (pad is None or inputs.ndim != 4 or self.feature_group_count != 1 or self.mask is not None
+        or _pair(self.input_dilation) != 1 or self.precision is not None):
+      return super().__call__(inputs)
+    kernel = self.param("kernel", self.kernel_init, (*ks, inputs.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = conv2d(x, kernel, stride, pad, dilation)
     return y if bias is None else y + bias

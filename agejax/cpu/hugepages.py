@@ -1,12 +1,9 @@
 """Transparent huge pages for the large buffers a training step allocates, set by re-executing once.
 
-XLA:CPU mallocs a fresh temp buffer for every execution (133 MB for a TinyAgeNet
-step at 64 px, batch 64) and Eigen its convolution scratch (38-151 MB). Both are
-above glibc's mmap threshold, so every step maps new memory and the kernel
-faults it in 4 KiB page by page: 32,800 page faults and 80 ms of system time a
-TinyAgeNet step on a 2-core EPYC. glibc >= 2.35 backs such mappings with
-transparent huge pages when GLIBC_TUNABLES has glibc.malloc.hugetlb=1: 500 faults a
-step, and the step 13% faster (ThinAgeNet 8%, ResNet-34 6%; docs/RESULTS.md).
+XLA:CPU mallocs a fresh temp buffer for every execution and Eigen its convolution
+scratch, above glibc's mmap threshold, so every step maps new memory that the kernel
+faults in 4 KiB page by page. glibc >= 2.35 backs such mappings with transparent huge
+pages when GLIBC_TUNABLES has glibc.malloc.hugetlb=1 (the effect: docs/CPU.md).
 
 glibc reads tunables only at process start, so the command-line entry points call
 `reexec_with_hugepages()` first: it re-executes the same command line once with
