@@ -3,7 +3,7 @@
     python bench/compare_torch.py --torch_python /path/to/venv-with-torch/bin/python [--quick]
     python3 bench/compare_torch.py --torch_python python3 --gpu    # on a GPU: bf16, torch.compile
 
-`--gpu` is issue 3's GPU table: batch 32 and 256 of the CPU table's training cases, plus
+`--gpu` is the GPU table: batch 32 and 256 of the CPU table's training cases, plus
 the 32-image forward at 224 px that DLDL-v2 reports (51.05 ms Thin, 24.26 ms Tiny, on an
 M40), with bf16 on both sides (agejax `--dtype bfloat16`; PyTorch autocast, channels_last,
 torch.compile). `bench/gpu_table.sh` runs it on the lent GPU machine.
@@ -13,8 +13,10 @@ one after the other (never concurrently), `--rounds` times with the order altern
 (a shared VM drifts by 10-30% between minutes, so one pair can mislead), and prints one
 JSON line per case: the median rates, the median of the per-round ratios jax/torch and
 their range; then a markdown table. Both sides run with glibc's huge-page malloc tunable,
-which agejax sets for itself (agejax/hugepages.py: +13-17% for either framework on this VM);
-`--torch_default_malloc` leaves PyTorch's environment as it is.
+which agejax sets for itself (agejax/cpu/hugepages.py: +13-17% for either framework on this VM);
+`--torch_default_malloc` leaves PyTorch's environment as it is. `--baseline DIR` adds a third
+column, agejax's benchmark run from another checkout (DIR, e.g. a `git worktree` of an earlier
+commit) in the same rounds: a change's effect on speed, measured side by side.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import statistics
 import subprocess
 import sys
 
-from agejax import hugepages
+from agejax.cpu import hugepages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_REF = os.path.join(ROOT, "..", "shared", "bench", "torch_reference.py")
@@ -80,7 +82,8 @@ def parse_args(argv=None):
   ap.add_argument("--device", default=None, help="PyTorch's device (default: its own, cuda when it sees one)")
   ap.add_argument("--torch_compile", action="store_true", help="torch.compile PyTorch's step (on with --gpu)")
   ap.add_argument("--torch_default_malloc", action="store_true",
-                  help="run PyTorch without the huge-page malloc tunable agejax sets for itself (agejax/hugepages.py)")
+                  help="run PyTorch without the huge-page malloc tunable agejax sets for itself (agejax/cpu/hugepages.py)")
+  ap.add_argument("--baseline", default=None, help="another agejax checkout whose benchmark runs in the same rounds")
   ap.add_argument("--gpu", action="store_true", help="the GPU table: GPU_CASES, bfloat16, torch.compile")
   a = ap.parse_args(argv)
   a.dtype = a.dtype or ("bfloat16" if a.gpu else "float32")
@@ -92,14 +95,16 @@ def parse_args(argv=None):
   return a
 
 
-def _json_line(cmd, env=None):
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, env=env).stdout
+def _json_line(cmd, env=None, cwd=ROOT):
+  if cwd != ROOT:  # another checkout: its agejax, not this one's
+    env = {**(env or os.environ), "PYTHONPATH": cwd}
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, check=True, env=env).stdout
   return json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
 
 
 def main(argv=None):
   a = parse_args(argv)
-  # agejax.bench re-executes itself with glibc's huge-page tunable (agejax/hugepages.py); PyTorch gets the same
+  # agejax.bench re-executes itself with glibc's huge-page tunable (agejax/cpu/hugepages.py); PyTorch gets the same
   # environment unless asked not to, so that the ratio compares the frameworks, not their malloc settings
   torch_env = None if a.torch_default_malloc or not hugepages.wanted() else hugepages.with_tunable()
   torch_malloc = "hugetlb" if hugepages.active(torch_env or os.environ) else "default"  # what it really gets
@@ -108,14 +113,18 @@ def main(argv=None):
     model, size, batch, mode = case
     jax_cmd, torch_cmd = commands(case, a)
     run_torch = lambda: _json_line(torch_cmd, torch_env)
-    jr, tr = [], []
+    jr, tr, br = [], [], []
     for r in range(a.rounds):
       if r % 2 == 0:
         j, t = _json_line(jax_cmd), run_torch()
+        b = _json_line(jax_cmd, cwd=os.path.abspath(a.baseline)) if a.baseline else None
       else:
+        b = _json_line(jax_cmd, cwd=os.path.abspath(a.baseline)) if a.baseline else None
         t, j = run_torch(), _json_line(jax_cmd)
       jr.append(j["images_per_s"])
       tr.append(t["images_per_s"])
+      if b:
+        br.append(b["images_per_s"])
     ratios = [x / y for x, y in zip(jr, tr)]
     row = {"model": model, "size": size, "batch": batch, "mode": mode,
            "jax_images_per_s": round(statistics.median(jr), 2), "torch_images_per_s": round(statistics.median(tr), 2),
@@ -126,6 +135,11 @@ def main(argv=None):
            "gflops_per_image": j["gflops_per_image"], "params": j["params"], "jax": j["version"], "torch": t["version"],
            "dtype": a.dtype, "torch_compile": a.torch_compile, "jax_malloc": j.get("malloc"), "torch_malloc": torch_malloc,
            "device": j["device"], "threads": a.threads}
+    if br:
+      row.update({"baseline": a.baseline, "baseline_images_per_s": round(statistics.median(br), 2),
+                  "ratio_jax_over_baseline": round(statistics.median([x / y for x, y in zip(jr, br)]), 3),
+                  "baseline_ratio_range": [round(min(x / y for x, y in zip(jr, br)), 3),
+                                           round(max(x / y for x, y in zip(jr, br)), 3)]})
     rows.append(row)
     print(json.dumps(row), flush=True)
   print("\n| model | input | batch | mode | agejax img/s | PyTorch img/s | agejax ms/batch | PyTorch ms/batch "
@@ -134,6 +148,13 @@ def main(argv=None):
     print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['mode']} | {r['jax_images_per_s']} | "
           f"{r['torch_images_per_s']} | {r['jax_ms_per_batch']} | {r['torch_ms_per_batch']} | "
           f"{r['ratio_jax_over_torch']} | {r['ratio_min']}-{r['ratio_max']} |")
+  if any("baseline" in r for r in rows):
+    print("\n| model | input | batch | agejax img/s | baseline img/s | agejax / baseline (median) | range |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in rows:
+      lo, hi = r["baseline_ratio_range"]
+      print(f"| {r['model']} | {r['size']} | {r['batch']} | {r['jax_images_per_s']} | {r['baseline_images_per_s']} | "
+            f"{r['ratio_jax_over_baseline']} | {lo}-{hi} |")
 
 
 if __name__ == "__main__":

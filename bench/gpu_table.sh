@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's GPU table (bf16, batch 32 and 256, PyTorch with channels_last + autocast + torch.compile,
+# The GPU table (bf16, batch 32 and 256, PyTorch with channels_last + autocast + torch.compile,
 # and the 32-image forward at 224 px against DLDL-v2's M40 figures), in one command on a machine whose
 # python3 has jax (CUDA), flax, optax and torch. The lent GPU machine's image has all four, but not
 # ../shared, so copy the reference into an ignored folder here and carry it:

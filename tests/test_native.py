@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agejax.cpu import native
-from agejax.models import conv
+from agejax.cpu import conv
 from agejax.cpu.native import conv3x3 as nc
 from agejax.cpu.native import strided as ns
 

@@ -252,6 +252,28 @@ def test_bundled_model_gives_plausible_age_for_astronaut(tmp_path):
   assert face["race"]["label"] in ("White", "Black", "Asian", "Indian", "Other")
 
 
+def _foreign_calls(exported) -> set[str]:
+  """The custom calls in an artifact other than jax.export's own shape checks."""
+  import re
+  text = exported.mlir_module()
+  return set(re.findall(r"stablehlo.custom_call @(\w+)", text)) - {"shape_assertion"}
+
+
+def test_exports_are_for_every_platform_and_standard_ops_only(exported):
+  _, _, path = exported
+  assert _foreign_calls(export.load(path)._exported) == set()
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(predict_lib.DEFAULT_MODEL, "model.json")),
+                    reason="bundled model not present")
+def test_the_bundled_model_runs_on_cpu_gpu_and_tpu_hosts():
+  """Lowered for cpu, cuda and tpu, XLA's standard ops only (no CPU-specific custom calls)."""
+  model = export.load(predict_lib.DEFAULT_MODEL)
+  assert tuple(model._exported.platforms) == ("cpu", "cuda", "tpu")
+  assert _foreign_calls(model._exported) == set()
+  assert model.meta["weights_dtype"] == "bfloat16" and model.meta["gender"] and model.meta["race"]
+
+
 def test_missing_faces_extra_names_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now raises ImportError
   with pytest.raises(ImportError, match=r"pip install 'agejax\[faces\]'"):
