@@ -113,14 +113,13 @@ def main(argv=None):
     model, size, batch, mode = case
     jax_cmd, torch_cmd = commands(case, a)
     run_torch = lambda: _json_line(torch_cmd, torch_env)
+    run_baseline = lambda: _json_line(jax_cmd, cwd=os.path.abspath(a.baseline)) if a.baseline else None
     jr, tr, br = [], [], []
     for r in range(a.rounds):
       if r % 2 == 0:
-        j, t = _json_line(jax_cmd), run_torch()
-        b = _json_line(jax_cmd, cwd=os.path.abspath(a.baseline)) if a.baseline else None
+        j, t, b = _json_line(jax_cmd), run_torch(), run_baseline()
       else:
-        b = _json_line(jax_cmd, cwd=os.path.abspath(a.baseline)) if a.baseline else None
-        t, j = run_torch(), _json_line(jax_cmd)
+        b, t, j = run_baseline(), run_torch(), _json_line(jax_cmd)
       jr.append(j["images_per_s"])
       tr.append(t["images_per_s"])
       if b:

@@ -216,7 +216,7 @@ def test_kernel_gradients_are_bitwise_reproducible():
 
 @needs_native
 def test_disabled_traces_are_portable():
-  """Inside `native.disabled()` (as `agejax.export` traces) no custom call is emitted."""
+  """Inside `native.disabled()` no custom call is emitted."""
   x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
   with native.disabled():
     assert "agejax_conv3x3" not in jax.jit(lambda x, k: conv.conv2d(x, k, 1, 1)).lower(x, k).as_text()

@@ -47,8 +47,8 @@ def enabled(environ=os.environ) -> bool:
 
 @contextlib.contextmanager
 def disabled():
-  """Traces inside use XLA's convolution only: for `jax.export`, whose artifacts must run on any
-  machine and cannot carry custom calls without compatibility guarantees."""
+  """Traces inside use XLA's convolution only: a reference for the native kernels' results
+  (exports need no switch: they are built on the plain Flax layers)."""
   with _lock:
     _state["off"] = _state.get("off", 0) + 1
   try:
