@@ -103,6 +103,9 @@ SUITES = {
                          "MTMSA without MSA: gender and race heads, Gaussian loss"),
         "coral2019_dldl_v2": ("configs/utkface.py:coral2019,face_resnet,dldl_v2",
                               "DLDL-v2, face-pretrained, CORAL 2019 split (21-60)"),
+        "coral2019_mtmsa_trunk003": ("configs/utkface.py:coral2019,face_resnet,gaussian_nll,multitask "
+                                     "--config.model.msa_stages=(3,4) --config.optimizer.trunk_lr_factor=0.03",
+                                     "`mtmsa_trunk003` on the CORAL 2019 split (21-60)"),
     },
 }
 
