@@ -131,6 +131,37 @@ def dldl_v2(logits, ages, sigmas, grid, lam: float = 1.0, kl_reduction: str = "s
   return kl + lam * jnp.abs(y_hat - _f32(ages))
 
 
+def distillation(logits, teacher_probs, ages, sigmas, grid, lam: float = 1.0,
+                 teacher_weight: float = 1.0) -> jax.Array:
+  """DLDL-v2 with a teacher's distribution as the label: KL(t || p_hat) + lam * |y_hat - y|,
+  t = w * teacher + (1 - w) * N_grid(y, sigma).
+
+  The label distribution a network learns from need not be a fixed Gaussian: a stronger
+  network's predicted distribution carries its per-image ambiguity (dark knowledge). The
+  expectation term still pulls towards the true age y.
+
+  Args:
+    logits: (B, K) the student's scores.
+    teacher_probs: (B, K) the teacher's distributions over the same grid (rows sum to 1).
+    ages: (B,) true ages y.
+    sigmas: scalar or (B,) the Gaussian label's standard deviations (used where w < 1).
+    grid: (K,) label values.
+    lam: weight of the L1 term.
+    teacher_weight: w in [0, 1]; 1 learns the teacher's distribution alone.
+
+  Returns:
+    (B,) float32.
+
+  References:
+    Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015 (soft targets);
+    Gao et al., IJCAI 2018, Eq. 8 (the loss with a Gaussian label).
+  """
+  target = (teacher_weight * _f32(teacher_probs)
+            + (1.0 - teacher_weight) * ldl.gaussian_label_distribution(ages, sigmas, grid))
+  y_hat = ldl.expectation_from_logits(logits, grid)
+  return kl_divergence(logits, target) + lam * jnp.abs(y_hat - _f32(ages))
+
+
 def sord(logits, ages, grid, alpha: float = 1.0) -> jax.Array:
   """SORD: KL to soft ordinal targets t_k = softmax_k(-alpha (l_k - y)^2). Decode: expectation.
 

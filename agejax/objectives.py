@@ -3,7 +3,7 @@
 The trainer and evaluator are generic; the config names the loss (scenic's
 model-with-loss idea), and this module is the one place that knows the pairing.
 Batches are dicts with "age" (B,), "sigma" (B,), and optionally "gender" and
-"race" (B,) ints with -1 where unknown.
+"race" (B,) ints with -1 where unknown, and (`distill`) "teacher_probs" (B, K).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def _sigma(batch, hp):
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
     Objective("dldl_v2", "distribution", lambda o, b, g, hp: losses.dldl_v2(
         o["age_logits"], b["age"], _sigma(b, hp), g, hp.get("lam", 1.0), hp.get("kl_reduction", "sum"))),
+    Objective("distill", "distribution", lambda o, b, g, hp: losses.distillation(
+        o["age_logits"], b["teacher_probs"], b["age"], _sigma(b, hp), g, hp.get("lam", 1.0),
+        hp.get("teacher_weight", 1.0))),
     Objective("dldl", "distribution", lambda o, b, g, hp: losses.dldl(o["age_logits"], b["age"], _sigma(b, hp), g)),
     Objective("dex", "distribution", lambda o, b, g, hp: losses.dex(o["age_logits"], b["age"], g)),
     Objective("mean_variance", "distribution", lambda o, b, g, hp: losses.mean_variance(

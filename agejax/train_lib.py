@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from agejax import ldl, models, objectives, summaries, workdir as workdir_lib
-from agejax.data import augment, builders, pipeline
+from agejax.data import augment, builders, pipeline, teacher
 from agejax.models.heads import with_age_bias
 from agejax.reporting import MetricWriter, Progress
 
@@ -80,6 +80,15 @@ def validate(config: ml_collections.ConfigDict):
   if config.model.age_bias_init == "prior" and config.loss.name not in objectives.PRIOR_BIAS_LOSSES:
     raise ValueError(f"config.model.age_bias_init=prior sets logit P(y > l_k) as the biases of the losses "
                      f"{objectives.PRIOR_BIAS_LOSSES}, not of {config.loss.name!r}.")
+  if config.loss.name == "distill" and not config.loss.teacher:
+    raise ValueError("config.loss.teacher: the distill loss learns a teacher's distributions; make a teacher file "
+                     "with python -m agejax.distill --config <this config> --out FILE and pass "
+                     "--config.loss.teacher=FILE.")
+  if config.loss.teacher and config.loss.name != "distill":
+    raise ValueError(f"config.loss.teacher is set, but the loss {config.loss.name!r} does not read it "
+                     "(use the distill loss, or drop the teacher).")
+  if not 0.0 <= config.loss.teacher_weight <= 1.0:
+    raise ValueError(f"config.loss.teacher_weight={config.loss.teacher_weight} is not in [0, 1].")
   if config.model.ops not in models.ops.KINDS:
     raise ValueError(f"config.model.ops: {config.model.ops!r} is not one of {models.ops.KINDS}.")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -253,8 +262,14 @@ class Trainer:
                                            on_error=ds.on_error)
       self.train_source = self.builder.as_data_source(ds.train_split)
       self.steps_per_epoch = max(1, len(self.train_source) // config.batch_size)
+      self.per_record = {}
+      if config.loss.name == "distill":
+        self.per_record["teacher_probs"] = teacher.load(
+            config.loss.teacher, np.asarray(self.grid), pipeline.label_array(self.train_source, "age"),
+            f"{ds.name}/{ds.config or 'default'} {ds.train_split}")
     else:
       self.builder = self.train_source = None
+      self.per_record = {}
       self.steps_per_epoch = 1
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
                       else int(config.num_epochs * self.steps_per_epoch))
@@ -288,7 +303,7 @@ class Trainer:
   def train_iterator(self):
     return pipeline.train_iterator(self.train_source, size=self.config.image_size,
                                    global_batch=self.config.batch_size, seed=self.config.seed,
-                                   workers=self.config.workers)
+                                   workers=self.config.workers, per_record=self.per_record)
 
   def predict_split(self, state, split: str, limit: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Predictions and labels for every image of a split, gathered on every host."""

@@ -12,7 +12,8 @@ string after ":" on the command line is a comma-separated list of variants:
             | scratch (the same network and schedule from random initialisation, with
               batch norm in place of the affine layers and one learning rate)
   loss:     any name in agejax.objectives (dldl_v2, dldl, dex, mean_variance, sord,
-            ranking_bce, coral, corn, l1, l2, gaussian_nll)
+            ranking_bce, coral, corn, l1, l2, gaussian_nll; distill: DLDL-v2 with a
+            teacher's distributions as labels, `--config.loss.teacher=FILE`)
   schedule: smoke (seconds; tests) | cpu (TinyAgeNet at 64 px, useful within an
             hour on 2 CPU cores) | the paper's (default)
   two_stage: the official code's KL-only first stage, then KL + L1
@@ -50,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       name="dldl_v2", lam=1.0, sigma=2.0, min_sigma=0.0, kl_reduction="sum",
       lam_mean=0.2, lam_var=0.05, alpha=1.0, gender_weight=1.0, race_weight=1.0,
-      stage1_epochs=0))  # > 0: KL only for these epochs (the official two-stage recipe)
+      stage1_epochs=0,   # > 0: KL only for these epochs (the official two-stage recipe)
+      teacher="",        # loss distill: a teacher file of `python -m agejax.distill`
+      teacher_weight=1.0))  # distill's label: this x the teacher's distribution + the rest x the Gaussian
   c.augment = ml_collections.ConfigDict(dict(
       flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4, translate=0.0))
   c.image_size = 224

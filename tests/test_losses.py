@@ -23,6 +23,8 @@ LOSSES = {
     "dldl_v2": (lambda z, a: losses.dldl_v2(z, a, 2.0, GRID), K),
     "dldl_v2_mean": (lambda z, a: losses.dldl_v2(z, a, 2.0, GRID, kl_reduction="mean"), K),
     "dex": (lambda z, a: losses.dex(z, a, GRID), K),
+    "distillation": (lambda z, a: losses.distillation(
+        z, ldl.gaussian_label_distribution(a + 4.0, 3.0, GRID), a, 2.0, GRID, teacher_weight=0.8), K),
     "mean_variance": (lambda z, a: losses.mean_variance(z, a, GRID), K),
     "sord": (lambda z, a: losses.sord(z, a, GRID), K),
     "ranking_bce": (lambda z, a: losses.ranking_bce(z, a, GRID), K - 1),

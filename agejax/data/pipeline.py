@@ -41,10 +41,11 @@ def decode_face(data: bytes, size: int) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Decode(grain.transforms.Map):
   size: int
+  extra_keys: tuple[str, ...] = ()  # per-record arrays attached by `_with_index`
 
   def map(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
     out = {"image": decode_face(ex["image"], self.size)}
-    for k in LABEL_KEYS + ("index",):
+    for k in LABEL_KEYS + ("index",) + self.extra_keys:
       if k in ex:
         out[k] = np.asarray(ex[k])
     return out
@@ -55,17 +56,25 @@ def label_array(source, key: str) -> np.ndarray:
   return np.asarray([source[i][key] for i in range(len(source))])
 
 
-def _with_index(source):
-  """Attach each record's index (to join predictions back to file names)."""
-  return grain.MapDataset.range(len(source)).map(lambda i: {**source[int(i)], "index": np.int32(i)})
+def _with_index(source, per_record: dict[str, np.ndarray] | None = None):
+  """Attach each record's index (to join predictions back to file names) and its row of every
+  `per_record` array (len(source) rows each: e.g. a teacher's distributions)."""
+  per_record = per_record or {}
+  for k, v in per_record.items():
+    if len(v) != len(source):
+      raise ValueError(f"per-record {k!r} has {len(v)} rows for a split of {len(source)} records.")
+  return grain.MapDataset.range(len(source)).map(
+      lambda i: {**source[int(i)], "index": np.int32(i), **{k: v[int(i)] for k, v in per_record.items()}})
 
 
 def train_iterator(source, *, size: int, global_batch: int, seed: int, workers: int = 0,
-                   process_index: int | None = None, process_count: int | None = None):
+                   process_index: int | None = None, process_count: int | None = None,
+                   per_record: dict[str, np.ndarray] | None = None):
   """An infinite, checkpointable iterator of this process's share of each global batch.
 
   Rows carry their record `index`; augmentation keys derive from it, so a
-  global batch is augmented the same however it is split over processes.
+  global batch is augmented the same however it is split over processes. Each array of
+  `per_record` (indexed by record) adds its rows to the batches under its key.
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -73,8 +82,8 @@ def train_iterator(source, *, size: int, global_batch: int, seed: int, workers: 
     raise ValueError(f"global batch {global_batch} is not divisible by the {pc} processes.")
   if len(source) < global_batch:
     raise ValueError(f"The training split has {len(source)} images, fewer than one batch of {global_batch}.")
-  ds = _with_index(source).shuffle(seed=seed).repeat(None)
-  ds = ds[pi::pc].map(Decode(size)).batch(global_batch // pc, drop_remainder=True)
+  ds = _with_index(source, per_record).shuffle(seed=seed).repeat(None)
+  ds = ds[pi::pc].map(Decode(size, tuple(per_record or ()))).batch(global_batch // pc, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=4))
   if workers:
     from absl import flags
