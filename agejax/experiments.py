@@ -47,6 +47,9 @@ _AUG = "flip_only"
 # The hour's budget on 2 cores: 24 epochs instead of 16, the step schedule's decay still at 3/4.
 _HOUR = "--config.num_epochs=24 --config.optimizer.decay_epochs=(18,)"
 
+# The bundled face model's distributions of the training split (made by `agejax.distill` when missing).
+_TEACHER = "runs/teacher/utkface_face_resnet.npz"
+
 # name -> (config argument, description)
 SUITES = {
     "utkface_cpu": {
@@ -82,6 +85,8 @@ SUITES = {
                           "ResNet-18 + MSA, age + gender + race"),
         "coral2019_dldl_v2": (f"configs/utkface.py:coral2019,tiny,cpu,dldl_v2,{_AUG}",
                               "DLDL-v2, CORAL 2019 split (21-60)"),
+        "distill": (f"configs/utkface.py:tiny,cpu,distill,{_AUG} --config.loss.teacher={_TEACHER}",
+                         "DLDL-v2 with the bundled face model's distributions as labels (distillation)"),
     },
     # dlib's face-pretrained ResNet fine-tuned at 150 px (`face_resnet` variant, ~50 min a run on 2 cores),
     # beside the same network and schedule from random initialisation (`scratch`).
@@ -127,6 +132,11 @@ def run_one(config_arg: str, wd: str, seed: int, log_path: str | None = None) ->
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     log = open(log_path, "a")
   try:
+    teacher = [o.split("=", 1)[1] for o in overrides if o.startswith("--config.loss.teacher=")]
+    if teacher and not os.path.exists(os.path.join(ROOT, teacher[0])):  # distillation: the teacher first
+      data = [o for o in overrides if o.startswith("--config.dataset.")]
+      subprocess.run([sys.executable, "-m", "agejax.distill", "--config", config, *data, "--out", teacher[0]],
+                     cwd=ROOT, check=True, stdout=log, stderr=log)
     t0 = time.time()
     subprocess.run([sys.executable, "train.py", *common], cwd=ROOT, check=True, stdout=log, stderr=log)
     train_s = time.time() - t0

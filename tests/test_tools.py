@@ -200,6 +200,30 @@ print(json.dumps({"env": changed, "config": config_before == config_after, "back
   assert out == {"env": [], "config": True, "backends": True}
 
 
+def test_run_one_makes_a_missing_teacher_file_first(monkeypatch, tmp_path):
+  calls = []
+
+  def fake_run(cmd, cwd, check, stdout=None, stderr=None):
+    calls.append(cmd[1:])
+    if cmd[1] == "evaluate.py":
+      os.makedirs(tmp_path / "r" / "eval")
+      json.dump({"mae": 4.5}, open(tmp_path / "r" / "eval" / "test.json", "w"))
+
+  monkeypatch.setattr(experiments.subprocess, "run", fake_run)
+  teacher = str(tmp_path / "t.npz")
+  arg = f"configs/utkface.py:tiny,distill --config.loss.teacher={teacher} --config.dataset.manual_dir=/m"
+  experiments.run_one(arg, str(tmp_path / "r"), 0)
+  assert calls[0] == ["-m", "agejax.distill", "--config", "configs/utkface.py:tiny,distill",
+                      "--config.dataset.manual_dir=/m", "--out", teacher]
+  assert [c[0] for c in calls[1:]] == ["train.py", "evaluate.py"]
+  open(teacher, "w").close()
+  calls.clear()
+  os.remove(tmp_path / "r" / "eval" / "test.json")
+  os.rmdir(tmp_path / "r" / "eval")
+  experiments.run_one(arg, str(tmp_path / "r"), 0)
+  assert [c[0] for c in calls] == ["train.py", "evaluate.py"]  # an existing teacher file is used as it is
+
+
 def test_suite_entries_configure_what_their_names_say():
   """Variant order matters (`cpu` sets the model): each entry must train what its row claims."""
   import importlib.util
@@ -311,12 +335,13 @@ def test_face_suite_entries_configure_what_their_names_say():
   for name, (arg, _) in experiments.SUITES["utkface_face"].items():
     config_arg, *overrides = arg.split(" ")
     c = cfg_module.get_config(config_arg.split(":", 1)[1])
+    assert (c.dataset.config == "coral2019") == name.startswith("coral2019_"), name
+    name = name.removeprefix("coral2019_")
     assert c.model.name == "face_resnet" and c.image_size == 150, name
     assert (c.model.pretrained == "") == name.endswith("_scratch"), name
     assert (c.model.norm == "batch") == (name.endswith("_scratch") or name.endswith("_bn")), name
     assert (c.model.gender and c.model.race) == (name.startswith("mtmsa") or name == "multitask"), name
     assert any("msa_stages" in o for o in overrides) == (name.startswith("mtmsa") and name != "mtmsa_no_msa"), name
     assert any("trunk_lr_factor=0.03" in o for o in overrides) == name.endswith("_trunk003"), name
-    assert (c.dataset.config == "coral2019") == name.startswith("coral2019"), name
     expected_loss = "gaussian_nll" if name.startswith(("mtmsa", "gaussian")) else "dex" if name == "dex" else "dldl_v2"
     assert c.loss.name == expected_loss, name
