@@ -19,7 +19,8 @@ family on the duplicate-safe split; multi-task (age + gender + race) with and
 without MSA against age alone on the same TinyAgeNet trunk; the same three on a
 ResNet-18 trunk (longer than an hour a run here); the hour's budget spent on
 80 px (`dldl_v2_80px`) or on 24 epochs (`dldl_v2_hour`, `dldl_v2_tuned_hour`, `multitask_tiny_hour`,
-`multitask_tiny_tuned_hour`: test MAE 4.80; age alone 4.89 ± 0.04 over three seeds, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split.
+`multitask_tiny_tuned_hour`: test MAE 4.80; age alone 4.89 ± 0.04 over three seeds, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split;
+TinyAgeNet learning the bundled face model's distributions (`distill`; the teacher file is made first).
 
 --jobs N splits this process's cores into N groups and trains N runs at once,
 each pinned to its group, with its output in <run>/log.txt: for hosts with more
