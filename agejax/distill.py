@@ -88,4 +88,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from agejax import cli
+  cli.start_process()  # XLA flags and huge pages, before JAX loads
   main()

@@ -138,6 +138,12 @@ def test_teacher_from_an_exported_model_then_a_student_learns_it(data_dir, tmp_p
   p = _run(["-m", "agejax.distill", "--config", "configs/default.py:smoke,distill", *data_flags,
             "--teacher", model_dir, "--out", out])
   summary = json.loads(p.stdout.strip().splitlines()[-1])
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  refused = subprocess.run([sys.executable, "-m", "agejax.distill", "--config", "configs/default.py:smoke,distill",
+                            *data_flags, "--config.label_grid.stop=60", "--teacher", model_dir, "--out",
+                            str(tmp_path / "grid.npz")], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+  assert refused.returncode != 0 and not os.path.exists(tmp_path / "grid.npz")
+  assert "the teacher's label grid (101 ages, 0..100) is not the config's (61 ages, 0..60)" in refused.stderr
   source = trainer.train_source
   assert summary["records"] == len(source) and summary["split"] == "train" and summary["images_per_sec"] > 0
   # The file holds the export's flip-averaged predictions of each clean training image, in record order.
@@ -173,7 +179,6 @@ def test_teacher_from_an_exported_model_then_a_student_learns_it(data_dir, tmp_p
   assert os.path.exists(wd / "metrics.jsonl")
   other = str(tmp_path / "other.npz")
   teacher.save(other, probs[::-1], ages[::-1], np.asarray(trainer.grid), {"split": "train"})
-  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   p = subprocess.run([sys.executable, "train.py", "--config", "configs/default.py:smoke,distill", "--workdir",
                       str(tmp_path / "refused"), *data_flags, f"--config.loss.teacher={other}"],
                      cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
