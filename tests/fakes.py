@@ -108,3 +108,14 @@ def built_folder(root, n: int = 24, size: int = 40, with_split: bool = True):
   b = builders.get_builder("folder", None, os.path.join(str(root), "data"))
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.path.join(str(root), "manual")))
   return b
+
+
+def smoke_exported(config, out_dir: str, steps: int = 3):
+  """Trains `config` for `steps` steps and exports the state to `out_dir`: (trainer, state, path)."""
+  from agejax import export, train_lib
+  trainer = train_lib.Trainer(config)
+  state = trainer.init_state()
+  it = trainer.train_iterator()
+  for _ in range(steps):
+    state, _ = trainer.train_step(state, trainer.global_batch(next(it)))
+  return trainer, state, export.export_state(trainer, state, out_dir)

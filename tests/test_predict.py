@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agejax import export, faces, predict_lib, train_lib
+from agejax import export, faces, predict_lib
 from configs import default
 from tests import fakes
 
@@ -23,13 +23,7 @@ def exported(tmp_path_factory):
   c = default.get_config("smoke,multitask")
   c.dataset.name, c.dataset.data_dir = "folder", str(d / "data")
   c.num_train_steps = 3
-  trainer = train_lib.Trainer(c)
-  state = trainer.init_state()
-  it = trainer.train_iterator()
-  for _ in range(3):
-    state, _ = trainer.train_step(state, trainer.global_batch(next(it)))
-  path = export.export_state(trainer, state, str(d / "export"))
-  return trainer, state, path
+  return fakes.smoke_exported(c, str(d / "export"))
 
 
 def test_exported_model_matches_the_checkpoint(exported):
