@@ -105,6 +105,9 @@ SUITES = {
         "mtmsa_trunk003": ("configs/utkface.py:face_resnet,gaussian_nll,multitask --config.model.msa_stages=(3,4) "
                            "--config.optimizer.trunk_lr_factor=0.03",
                            "MTMSA with the trunk at 0.03x the heads' learning rate (0.1x in `mtmsa`)"),
+        "mtmsa_trunk003_bn": ("configs/utkface.py:face_resnet_bn,gaussian_nll,multitask --config.model.msa_stages=(3,4) "
+                              "--config.optimizer.trunk_lr_factor=0.03",
+                              "`mtmsa_trunk003` with the affine layers turned into batch norm"),
         "mtmsa_no_msa": ("configs/utkface.py:face_resnet,gaussian_nll,multitask",
                          "MTMSA without MSA: gender and race heads, Gaussian loss"),
         "coral2019_dldl_v2": ("configs/utkface.py:coral2019,face_resnet,dldl_v2",
