@@ -51,6 +51,11 @@ _HOUR = "--config.num_epochs=24 --config.optimizer.decay_epochs=(18,)"
 # The bundled face model's distributions of the training split (made by `agejax.distill` when missing).
 _TEACHER = "runs/teacher/utkface_face_resnet.npz"
 
+# MTMSA's design on the face trunk (MSA after levels 3 and 4, gender and race heads, the Gaussian loss)
+# with the trunk at 0.03x the heads' rate: the bundled model's recipe, after the trunk's variant.
+_MTMSA_003 = ("gaussian_nll,multitask --config.model.msa_stages=(3,4) "
+              "--config.optimizer.trunk_lr_factor=0.03")
+
 # name -> (config argument, description)
 SUITES = {
     "utkface_cpu": {
@@ -102,18 +107,15 @@ SUITES = {
         "gaussian_nll": ("configs/utkface.py:face_resnet,gaussian_nll", "Gaussian NLL, face-pretrained trunk"),
         "mtmsa": ("configs/utkface.py:face_resnet,gaussian_nll,multitask --config.model.msa_stages=(3,4)",
                   "MTMSA: MSA after levels 3 and 4, gender and race heads, Gaussian loss"),
-        "mtmsa_trunk003": ("configs/utkface.py:face_resnet,gaussian_nll,multitask --config.model.msa_stages=(3,4) "
-                           "--config.optimizer.trunk_lr_factor=0.03",
+        "mtmsa_trunk003": (f"configs/utkface.py:face_resnet,{_MTMSA_003}",
                            "MTMSA with the trunk at 0.03x the heads' learning rate (0.1x in `mtmsa`)"),
-        "mtmsa_trunk003_bn": ("configs/utkface.py:face_resnet_bn,gaussian_nll,multitask --config.model.msa_stages=(3,4) "
-                              "--config.optimizer.trunk_lr_factor=0.03",
+        "mtmsa_trunk003_bn": (f"configs/utkface.py:face_resnet_bn,{_MTMSA_003}",
                               "`mtmsa_trunk003` with the affine layers turned into batch norm"),
         "mtmsa_no_msa": ("configs/utkface.py:face_resnet,gaussian_nll,multitask",
                          "MTMSA without MSA: gender and race heads, Gaussian loss"),
         "coral2019_dldl_v2": ("configs/utkface.py:coral2019,face_resnet,dldl_v2",
                               "DLDL-v2, face-pretrained, CORAL 2019 split (21-60)"),
-        "coral2019_mtmsa_trunk003": ("configs/utkface.py:coral2019,face_resnet,gaussian_nll,multitask "
-                                     "--config.model.msa_stages=(3,4) --config.optimizer.trunk_lr_factor=0.03",
+        "coral2019_mtmsa_trunk003": (f"configs/utkface.py:coral2019,face_resnet,{_MTMSA_003}",
                                      "`mtmsa_trunk003` on the CORAL 2019 split (21-60)"),
     },
 }
