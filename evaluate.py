@@ -14,6 +14,8 @@ config_flags.DEFINE_config_file("config", None, "The config the model was traine
 flags.DEFINE_string("workdir", None, "The training run's directory.")
 flags.DEFINE_string("split", None, "Split to evaluate (default: the config's test split).")
 flags.DEFINE_string("checkpoint", "best", "best | last | a step number.")
+flags.DEFINE_string("dataset", None, "Evaluate on this dataset instead of the config's (e.g. aaf, utkface): its "
+                    "protocol's test split, the same label grid (cross-dataset results).")
 flags.DEFINE_bool("flip_tta", None, "Average predictions over the image and its mirror (default: config.flip_tta).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -25,7 +27,8 @@ def main(argv):
   from agejax import evaluate_lib
   from agejax.data.builders import BadInputError, DatasetNotFoundError
   try:
-    s = evaluate_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.flip_tta)
+    s = evaluate_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint, FLAGS.flip_tta,
+                                  dataset=FLAGS.dataset)
   except (DatasetNotFoundError, BadInputError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -35,6 +38,8 @@ def main(argv):
   brief["cs5"] = s["cs"][5]
   if "clean" in s:
     brief["clean_mae"] = s["clean"]["mae"]
+  if "per_dataset" in s:
+    brief["per_dataset"] = {name: {"mae": d["mae"], "bias": d["bias"], "n": d["n"]} for name, d in s["per_dataset"].items()}
   print(json.dumps(brief))
   return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from agejax import train_lib, workdir as workdir_lib
+from agejax.data import mixture
 from agejax.summaries import jsonable, summarize
 
 
@@ -144,43 +145,83 @@ def markdown_report(split: str, summary: dict[str, Any], figures: list[str], csv
 
 
 def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "best",
-             flip_tta: bool | None = None, num_examples: int = 8) -> dict[str, Any]:
-  """Evaluate a trained model on a split and write the report files under workdir/eval."""
-  import jax
-  from agejax.data.pipeline import decode_face
+             flip_tta: bool | None = None, num_examples: int = 8, dataset: str | None = None) -> dict[str, Any]:
+  """Evaluate a trained model and write the report files under workdir/eval.
 
-  if flip_tta is not None:
-    with config.unlocked():
+  `split` defaults to each dataset's test split. A mixture is evaluated on every source
+  (eval/<dataset>_<split>.*) and pooled; its summary gets `per_dataset` and eval/<split>_by_dataset.md
+  has the table. `dataset` ("aaf", "utkface/coral2019") evaluates on that dataset instead of the
+  config's (cross-dataset: its protocol's test split on the same label grid).
+  """
+  import jax
+
+  with config.unlocked():
+    if flip_tta is not None:
       config.flip_tta = flip_tta
-  split = split or config.dataset.test_split
+    if dataset:
+      mixture.parse(f"{dataset}:1")  # a clear error for an unknown name
+      config.dataset.mixture = f"{dataset}:1"
   trainer = train_lib.Trainer(config, workdir)
   state = load_checkpoint(trainer, workdir, checkpoint)
-  preds = trainer.predict_split(state, split, progress=True)
-  source = trainer.builder.as_data_source(split)
-  has_sigma = bool(np.any(preds["sigma"] > 0))
-  summary = summarize(preds, trainer.grid, has_sigma=has_sigma)
-  summary.update({"split": split, "checkpoint": checkpoint, "step": int(jax.device_get(state.step)),
-                  "flip_tta": bool(config.flip_tta), "model": config.model.name, "loss": config.loss.name,
-                  "dataset": config.dataset.name, "dataset_config": config.dataset.config})
-  if jax.process_index() != 0:
-    return summary
   out_dir = os.path.join(workdir, "eval")
+  named = trainer.is_mixture
+  per_dataset, preds_all = {}, []
+  for k, spec in enumerate(trainer.sources):
+    s_split = split or spec.test_split
+    preds = trainer.predict_split(state, s_split, progress=True, source=k)
+    preds_all.append(preds)
+    summary = summarize(preds, trainer.grid)
+    summary.update({"split": s_split, "checkpoint": checkpoint, "step": int(jax.device_get(state.step)),
+                    "flip_tta": bool(config.flip_tta), "model": config.model.name, "loss": config.loss.name,
+                    "dataset": spec.name, "dataset_config": spec.config})
+    per_dataset[spec.label] = summary
+    if jax.process_index() == 0:
+      prefix = (f"{spec.label.replace('/', '_')}_" if named else "") + s_split.replace("+", "_")
+      write_report(out_dir, prefix, trainer, k, s_split, preds, summary, config, num_examples)
+  if len(per_dataset) == 1:
+    return next(iter(per_dataset.values()))
+  pooled = summarize({key: np.concatenate([p[key] for p in preds_all]) for key in preds_all[0]}, trainer.grid)
+  pooled.update({"split": split or "test", "checkpoint": checkpoint, "step": int(jax.device_get(state.step)),
+                 "dataset": "+".join(per_dataset), "per_dataset": per_dataset})
+  if jax.process_index() == 0:
+    name = (split or "test").replace("+", "_")
+    with open(os.path.join(out_dir, f"{name}_by_dataset.json"), "w") as f:
+      json.dump(jsonable(pooled), f, indent=2)
+    with open(os.path.join(out_dir, f"{name}_by_dataset.md"), "w") as f:
+      f.write(dataset_table(pooled))
+  return pooled
+
+
+def dataset_table(pooled: dict[str, Any]) -> str:
+  """Markdown: one row per dataset of a mixture's evaluation, and the pooled row."""
+  lines = ["| dataset | split | n | MAE | bias | CS@5 | 90% coverage | clean MAE |", "|---|---|---|---|---|---|---|---|"]
+  rows = list(pooled["per_dataset"].items()) + [("all, pooled", pooled)]
+  for label, s in rows:
+    clean = f"{s['clean']['mae']:.2f}" if "clean" in s else "-"
+    cov = f"{s['coverage90']:.1%}" if "coverage90" in s else "-"
+    lines.append(f"| {label} | {s['split']} | {s['n']} | {s['mae']:.2f} | {s['bias']:+.2f} | {s['cs'][5]:.1%} | "
+                 f"{cov} | {clean} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir, prefix, trainer, k, split, preds, summary, config, num_examples):
+  """eval/<prefix>.json, _predictions.csv, the figures and <prefix>.md for one dataset's split."""
+  from agejax.data.pipeline import decode_face
   os.makedirs(out_dir, exist_ok=True)
+  source = trainer.data_source(split, k)
   filenames = [source[int(i)]["filename"].decode() for i in preds["index"]]
-  safe = split.replace("+", "_")
-  write_predictions_csv(os.path.join(out_dir, f"{safe}_predictions.csv"), preds, filenames, trainer.grid)
+  write_predictions_csv(os.path.join(out_dir, f"{prefix}_predictions.csv"), preds, filenames, trainer.grid)
   rng = np.random.RandomState(0)
   pick = rng.choice(len(filenames), size=min(num_examples, len(filenames)), replace=False)
   examples = [decode_face(source[int(preds["index"][i])]["image"], 128) for i in pick]
-  sub = {k: v[pick] for k, v in preds.items()}
-  figs = plot_report(os.path.join(out_dir, safe), preds, summary, trainer.grid)
-  figs.append(plot_examples(os.path.join(out_dir, f"{safe}_examples.png"), sub, examples, trainer.grid))
-  with open(os.path.join(out_dir, f"{safe}.json"), "w") as f:
+  sub = {key: v[pick] for key, v in preds.items()}
+  figs = plot_report(os.path.join(out_dir, prefix), preds, summary, trainer.grid)
+  figs.append(plot_examples(os.path.join(out_dir, f"{prefix}_examples.png"), sub, examples, trainer.grid))
+  with open(os.path.join(out_dir, f"{prefix}.json"), "w") as f:
     json.dump(jsonable(summary), f, indent=2)
-  title = f"{config.dataset.name} {config.model.name} {config.loss.name}"
-  with open(os.path.join(out_dir, f"{safe}.md"), "w") as f:
-    f.write(markdown_report(split, summary, figs, f"{safe}_predictions.csv", title))
-  return summary
+  title = f"{summary['dataset']} {config.model.name} {config.loss.name}"
+  with open(os.path.join(out_dir, f"{prefix}.md"), "w") as f:
+    f.write(markdown_report(split, summary, figs, f"{prefix}_predictions.csv", title))
 
 
 def config_summary(config) -> str:

@@ -129,6 +129,27 @@ class FaceAligner:
     return faces
 
 
+def chip_from_points(rgb: np.ndarray, points: np.ndarray, size: int = 200, padding: float | None = None) -> np.ndarray:
+  """An aligned chip from five landmarks in dlib's 5-point order (image-right eye's outer and inner
+  corner, image-left eye's outer and inner corner, the nose's base), through the same similarity
+  transform as `FaceAligner` (dlib's `get_face_chip`). For datasets that ship landmarks: a photo
+  where detection fails is aligned exactly as the detector's route would align it."""
+  import dlib
+  pts = np.asarray(points, float)
+  if pts.shape != (5, 2) or not np.all(np.isfinite(pts)):
+    raise ValueError(f"five (x, y) landmarks expected, got an array of shape {pts.shape}.")
+  left, top = pts.min(0)
+  right, bottom = pts.max(0)
+  shape = dlib.full_object_detection(dlib.rectangle(int(left), int(top), int(right) + 1, int(bottom) + 1),
+                                     [dlib.point(int(round(x)), int(round(y))) for x, y in pts])
+  return np.asarray(dlib.get_face_chip(rgb, shape, size=size, padding=CHIP_PADDING if padding is None else padding))
+
+
+def five_points(shape) -> np.ndarray:
+  """(5, 2) landmarks of a dlib 5-point detection."""
+  return np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], float)
+
+
 def is_monochrome(rgb: np.ndarray, ratio: float = 0.02) -> bool:
   """True for gray or single-tint (sepia, cyanotype) photos: their pixels lie along one line in RGB
   space (the second principal variance under `ratio` of the first), sampled on a 64x64 grid."""

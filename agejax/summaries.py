@@ -39,13 +39,20 @@ def _age_metrics(pred, true, probs, grid, std=None) -> dict[str, Any]:
   return out
 
 
-def summarize(preds: dict[str, np.ndarray], grid, has_sigma: bool = False) -> dict[str, Any]:
-  """All metrics for one split's gathered predictions (see Trainer.predict_split)."""
+def summarize(preds: dict[str, np.ndarray], grid) -> dict[str, Any]:
+  """All metrics for one split's gathered predictions (see Trainer.predict_split).
+
+  The ChaLearn epsilon-error is averaged over the rows that have a sigma (> 0; 0 means the
+  dataset gives none), `epsilon_error_n` of them; it is absent where no row has one.
+  """
   grid = np.asarray(grid)
   pred, true = preds["pred_age"], preds["age"]
   s = _age_metrics(pred, true, preds.get("pred_probs"), grid, preds.get("pred_std"))
-  if has_sigma:
-    s["epsilon_error"] = float(metrics.epsilon_error(pred, true, preds["sigma"]))
+  sigma = preds.get("sigma")
+  if sigma is not None and np.any(sigma > 0):
+    has = sigma > 0
+    s["epsilon_error"] = float(metrics.epsilon_error(pred[has], true[has], sigma[has]))
+    s["epsilon_error_n"] = int(np.sum(has))
   groups = metrics.per_group_errors(pred, true)
   s["per_group"] = {"edges": list(metrics.DEFAULT_AGE_GROUPS), **{k: np.asarray(v).tolist() for k, v in groups.items()}}
   if "label_conflict" in preds and np.any(preds["label_conflict"] > 0):

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from agejax import ldl, models, objectives, summaries, workdir as workdir_lib
-from agejax.data import augment, builders, pipeline, teacher
+from agejax.data import augment, builders, mixture, pipeline, teacher
 from agejax.models.heads import with_age_bias
 from agejax.reporting import MetricWriter, Progress
 
@@ -257,11 +257,16 @@ class Trainer:
     self.grid = make_grid(config)
     self.model = make_model(config)
     ds = config.dataset
+    self.sources = mixture.sources(ds)
+    self.is_mixture = bool(ds.get("mixture", ""))
     if with_data:
-      self.builder = builders.ensure_built(ds.name, ds.config or None, ds.data_dir or None, ds.manual_dir or None,
-                                           on_error=ds.on_error)
-      self.train_source = self.builder.as_data_source(ds.train_split)
-      self.steps_per_epoch = max(1, len(self.train_source) // config.batch_size)
+      self.builders = [builders.ensure_built(s.name, s.config or None, ds.data_dir or None, s.manual_dir or None,
+                                             on_error=ds.on_error) for s in self.sources]
+      self.builder = self.builders[0]
+      self.train_sources = [b.as_data_source(s.train_split) for b, s in zip(self.builders, self.sources)]
+      self.train_source = self.train_sources[0]
+      # A mixture's epoch: as many examples as its training splits hold together.
+      self.steps_per_epoch = max(1, sum(len(t) for t in self.train_sources) // config.batch_size)
       self.per_record = {}
       if config.loss.name == "distill":
         self.per_record["teacher_probs"] = teacher.load(
@@ -269,6 +274,7 @@ class Trainer:
             f"{ds.name}/{ds.config or 'default'} {ds.train_split}")
     else:
       self.builder = self.train_source = None
+      self.builders, self.train_sources = [], []
       self.per_record = {}
       self.steps_per_epoch = 1
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
@@ -291,7 +297,7 @@ class Trainer:
     are overwritten, so the training labels are not read for the label-prior biases."""
     age_bias = None
     if fresh and self.config.model.age_bias_init == "prior":
-      ages = pipeline.label_array(self.train_source, "age")
+      ages = np.concatenate([pipeline.label_array(t, "age") for t in self.train_sources])
       age_bias = ldl.ranking_prior_logits(ages, self.grid)
     trunk = pretrained_trunk(self.config, self.train_source) if fresh else None
     return create_train_state(self.config, self.model, self.tx, jax.random.PRNGKey(self.config.seed), self.mesh,
@@ -301,14 +307,38 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in local.items()}
 
   def train_iterator(self):
+    if self.is_mixture:
+      return pipeline.train_iterator(self.train_sources, size=self.config.image_size,
+                                     global_batch=self.config.batch_size, seed=self.config.seed,
+                                     workers=self.config.workers, weights=[s.weight for s in self.sources])
     return pipeline.train_iterator(self.train_source, size=self.config.image_size,
                                    global_batch=self.config.batch_size, seed=self.config.seed,
                                    workers=self.config.workers, per_record=self.per_record)
 
-  def predict_split(self, state, split: str, limit: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
-    """Predictions and labels for every image of a split, gathered on every host."""
+  def data_source(self, split: str, source: int = 0):
+    """The records of a split of the `source`-th dataset (0: the config's own, or the mixture's first)."""
+    return self.builders[source].as_data_source(split)
+
+  def validate_sources(self, state, limit: int | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(pooled summary, {source label: summary}) over every source's validation split. The pooled
+    one (every validation image once) selects checkpoints; a single dataset has no per-source part."""
+    per_source, preds = {}, []
+    for k, spec in enumerate(self.sources):
+      if not spec.eval_split:
+        continue
+      p = self.predict_split(state, spec.eval_split, limit, source=k)
+      preds.append(p)
+      if self.is_mixture:
+        per_source[spec.label] = summaries.summarize(p, self.grid)
+    pooled = {key: np.concatenate([p[key] for p in preds]) for key in preds[0]}
+    return summaries.summarize(pooled, self.grid), per_source
+
+  def predict_split(self, state, split: str, limit: int | None = None, progress: bool = False,
+                    source: int = 0) -> dict[str, np.ndarray]:
+    """Predictions and labels for every image of a split (of the `source`-th dataset), gathered on
+    every host."""
     from jax.experimental import multihost_utils
-    source = self.builder.as_data_source(split)
+    source = self.data_source(split, source)
     limit = limit if (limit and limit > 0) else None
     n = len(source) if limit is None else min(limit, len(source))
     batches = pipeline.eval_batches(source, size=self.config.image_size, global_batch=self.config.batch_size,
@@ -510,10 +540,13 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
         check_finite(step)
         pending = []
         with progress.paused():
-          preds = trainer.predict_split(state, config.dataset.eval_split, config.eval_limit)
-          summary = summaries.summarize(preds, trainer.grid, has_sigma=bool(np.any(preds["sigma"] > 0)))
-          writer.write(step, summaries.scalars(summary), prefix="val")
-          progress.log(f"step {step} validation MAE {summary['mae']:.3f} CS@5 {summary['cs'][5]:.3f}")
+          summary, per_source = trainer.validate_sources(state, config.eval_limit)
+          row = summaries.scalars(summary)
+          for label, s in per_source.items():
+            row.update({f"{label}/{k}": v for k, v in summaries.scalars(s).items()})
+          writer.write(step, row, prefix="val")
+          progress.log(f"step {step} validation MAE {summary['mae']:.3f} CS@5 {summary['cs'][5]:.3f}"
+                       + "".join(f"; {label} {s['mae']:.3f}" for label, s in per_source.items()))
           best_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                         metrics={"val_mae": float(summary["mae"])})
   finally:

@@ -20,6 +20,8 @@ string after ":" on the command line is a comma-separated list of variants:
   full_train: train on the held-out part too (the paper's exact training set): no
             checkpoint selection, evaluate.py scores the last checkpoint
   flip_only: horizontal flips as the only augmentation
+  degrade:  grayscale, sepia, blur, low resolution, darkness, JPEG damage and scan
+            noise, each with probability DEGRADE_P (agejax.data.degrade)
   tuned:    agejax's short-schedule recipe (docs/RESULTS.md): cosine decay after a
             300-step warmup, AdamW (weight decay 0.01), flips and shifts of up
             to 1/16 of the side as the only augmentation
@@ -33,6 +35,7 @@ from agejax import models, objectives
 
 MODELS = models.MODEL_NAMES          # the registries' names: a new model or loss is a variant at once
 SCHEDULES = ("smoke", "cpu")
+DEGRADE_P = 0.1  # the `degrade` variant: each degradation's probability
 LOSSES = tuple(objectives.OBJECTIVES)
 
 
@@ -40,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = ml_collections.ConfigDict(dict(
       name="utkface", config="", data_dir="", manual_dir="", on_error="raise",
-      train_split="train", eval_split="validation", test_split="test"))
+      train_split="train", eval_split="validation", test_split="test",
+      mixture=""))  # "utkface:0.75,aaf:0.25": train on several datasets (agejax.data.mixture)
   c.label_grid = ml_collections.ConfigDict(dict(start=0.0, stop=100.0, step=1.0))
   c.model = ml_collections.ConfigDict(dict(
       name="thin", dtype="float32", gender=False, race=False,
@@ -55,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
       teacher="",        # loss distill: a teacher file of `python -m agejax.distill`
       teacher_weight=1.0))  # distill's label: this x the teacher's distribution + the rest x the Gaussian
   c.augment = ml_collections.ConfigDict(dict(
-      flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4, translate=0.0))
+      flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4, translate=0.0,
+      # how real photos look (agejax.data.degrade): each one's probability, 0 = off
+      sepia=0.0, blur=0.0, low_resolution=0.0, dark=0.0, jpeg=0.0, scan=0.0))
   c.image_size = 224
   c.batch_size = 128                 # global, over all devices of all hosts
   c.num_epochs = 60
@@ -145,6 +151,9 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.optimizer.weight_decay = 0.01
       _flips_only(c)
       c.augment.translate = 1 / 16
+    elif token == "degrade":         # real photos' looks, each at DEGRADE_P (docs/RESULTS.md)
+      c.augment.update(grayscale=max(c.augment.grayscale, DEGRADE_P),
+                       **{name: DEGRADE_P for name in ("sepia", "blur", "low_resolution", "dark", "jpeg", "scan")})
     elif token == "bf16":
       c.model.dtype = "bfloat16"
     else:

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agejax.data import degrade
 from agejax.preprocessing import MEAN, STD, normalize  # noqa: F401 (the test-time preprocessing)
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # numpy: importing creates no JAX backend
 
-DEFAULTS = {"flip": 0.5, "grayscale": 0.5, "rescale": True, "rotate": 15.0, "color_jitter": 0.4, "translate": 0.0}
+DEFAULTS = {"flip": 0.5, "grayscale": 0.5, "rescale": True, "rotate": 15.0, "color_jitter": 0.4, "translate": 0.0,
+            **{name: 0.0 for name in degrade.CONFIG_FIELDS}}
 
 
 def _gray(img):
@@ -90,6 +92,8 @@ def augment_image(key, img, cfg: Mapping):
     img = _translate(k[5], img, float(cfg["translate"]))
   if cfg.get("color_jitter", 0) > 0:
     img = _color_jitter(k[2], img, float(cfg["color_jitter"]))
+  if any(float(cfg.get(name, 0) or 0) > 0 for name in degrade.CONFIG_FIELDS):  # photos' looks (`degrade`)
+    img = degrade.degrade_image(jax.random.fold_in(key, 7), img, cfg)
   if cfg.get("grayscale", 0) > 0:
     gray = jnp.broadcast_to(_gray(img), img.shape)
     img = jnp.where(jax.random.uniform(k[3]) < cfg["grayscale"], gray, img)

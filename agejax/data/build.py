@@ -9,6 +9,7 @@ Prints per-split counts, and with --skip_bad the skipped inputs and why.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -35,6 +36,10 @@ def main(argv):
   summary = {"dataset": name, "config": b.builder_config.name if b.builder_config else None,
              "path": str(b.data_dir), "splits": {k: v.num_examples for k, v in b.info.splits.items()},
              "skipped": len(b.skipped)}
+  stats_file = os.path.join(os.fspath(b.data_dir), "build_stats.json")
+  if os.path.exists(stats_file):
+    with open(stats_file) as f:
+      summary["build_stats"] = json.load(f)
   for reason in b.skipped[:50]:
     print(f"skipped: {reason}", file=sys.stderr)
   if len(b.skipped) > 50:

@@ -56,34 +56,52 @@ def label_array(source, key: str) -> np.ndarray:
   return np.asarray([source[i][key] for i in range(len(source))])
 
 
-def _with_index(source, per_record: dict[str, np.ndarray] | None = None):
-  """Attach each record's index (to join predictions back to file names) and its row of every
-  `per_record` array (len(source) rows each: e.g. a teacher's distributions)."""
+def _with_index(source, per_record: dict[str, np.ndarray] | None = None, offset: int = 0, source_id: int = 0):
+  """Attach each record's index plus `offset` (to join predictions back to file names; in a mixture
+  unique over all sources), its `source` number, and its row of every `per_record` array
+  (len(source) rows each: e.g. a teacher's distributions)."""
   per_record = per_record or {}
   for k, v in per_record.items():
     if len(v) != len(source):
       raise ValueError(f"per-record {k!r} has {len(v)} rows for a split of {len(source)} records.")
   return grain.MapDataset.range(len(source)).map(
-      lambda i: {**source[int(i)], "index": np.int32(i), **{k: v[int(i)] for k, v in per_record.items()}})
+      lambda i: {**source[int(i)], "index": np.int32(offset + i), "source": np.int32(source_id),
+                 **{k: v[int(i)] for k, v in per_record.items()}})
 
 
 def train_iterator(source, *, size: int, global_batch: int, seed: int, workers: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
-                   per_record: dict[str, np.ndarray] | None = None):
+                   per_record: dict[str, np.ndarray] | None = None, weights: list[float] | None = None):
   """An infinite, checkpointable iterator of this process's share of each global batch.
 
   Rows carry their record `index`; augmentation keys derive from it, so a
   global batch is augmented the same however it is split over processes. Each array of
   `per_record` (indexed by record) adds its rows to the batches under its key.
+
+  A mixture: `source` a list of data sources and `weights` their sampling weights. Each source is
+  shuffled (seed + its position) and repeated on its own, then `grain.MapDataset.mix` interleaves
+  them by weight; rows carry `source` (the position in the list) and an `index` offset by the
+  sizes of the sources before it. The iterator state stays one position, which fixes every source's.
   """
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if global_batch % pc:
     raise ValueError(f"global batch {global_batch} is not divisible by the {pc} processes.")
-  if len(source) < global_batch:
-    raise ValueError(f"The training split has {len(source)} images, fewer than one batch of {global_batch}.")
-  ds = _with_index(source, per_record).shuffle(seed=seed).repeat(None)
-  ds = ds[pi::pc].map(Decode(size, tuple(per_record or ()))).batch(global_batch // pc, drop_remainder=True)
+  if weights is None:
+    if len(source) < global_batch:
+      raise ValueError(f"The training split has {len(source)} images, fewer than one batch of {global_batch}.")
+    ds = _with_index(source, per_record).shuffle(seed=seed).repeat(None)
+  else:
+    if per_record:
+      raise ValueError("per-record arrays (a teacher's distributions) are not supported with a dataset mixture.")
+    if len(weights) != len(source):
+      raise ValueError(f"{len(weights)} weights for {len(source)} sources.")
+    offsets = np.cumsum([0] + [len(s) for s in source])
+    parts = [_with_index(s, offset=int(offsets[k]), source_id=k).shuffle(seed=seed + k).repeat(None)
+             for k, s in enumerate(source)]
+    ds = grain.MapDataset.mix(parts, list(weights))
+  ds = ds[pi::pc].map(Decode(size, ("source",) + tuple(per_record or ()))).batch(global_batch // pc,
+                                                                                 drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if workers else 2, prefetch_buffer_size=4))
   if workers:
     from absl import flags

@@ -1,9 +1,14 @@
-"""A contact sheet of augmented training samples with their labels: see what the network sees.
+"""Contact sheets of faces with their labels: see what the network sees.
 
     python -m agejax.data.preview --config configs/utkface.py:tiny,cpu --out preview.png [--rows 4 --cols 8]
+    python -m agejax.data.preview --config configs/utkface.py:face_resnet --datasets utkface,aaf --out chips.png
+    python -m agejax.data.preview --config configs/utkface.py:face_resnet --degradations --out looks.png
 
-Draws one training batch through the same pipeline and on-device augmentation
-as train.py (the normalisation undone for display).
+The first draws one training batch through the same pipeline and on-device augmentation
+as train.py (the normalisation undone for display); a config with a mixture draws from the mixture.
+--datasets shows `--cols` unaugmented training chips of each named dataset, a row each (AAF's
+alignment beside UTKFace's chips). --degradations shows `--rows` faces, each clean and under every
+degradation of `agejax.data.degrade` at full probability.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ flags.DEFINE_string("out", "preview.png", "Output PNG.")
 flags.DEFINE_integer("rows", 4, "Rows of faces.")
 flags.DEFINE_integer("cols", 8, "Columns of faces.")
 flags.DEFINE_integer("seed", 0, "Augmentation seed.")
+flags.DEFINE_list("datasets", [], "Show unaugmented chips of these datasets, a row each (e.g. utkface,aaf).")
+flags.DEFINE_bool("degradations", False, "Show faces clean and under each degradation (agejax.data.degrade).")
 
 
 
@@ -44,12 +51,20 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   from agejax.data import augment, builders, pipeline
+  from agejax.data import mixture
   c = FLAGS.config
-  b = builders.ensure_built(c.dataset.name, c.dataset.config or None, c.dataset.data_dir or None,
-                            c.dataset.manual_dir or None, on_error=c.dataset.on_error)
+  specs = mixture.sources(c.dataset)
+  if FLAGS.datasets:
+    return dataset_sheet(c, FLAGS.datasets, FLAGS.cols, FLAGS.out)
+  built = [builders.ensure_built(s.name, s.config or None, c.dataset.data_dir or None, s.manual_dir or None,
+                                 on_error=c.dataset.on_error) for s in specs]
+  train = [b.as_data_source(s.train_split) for b, s in zip(built, specs)]
+  if FLAGS.degradations:
+    return degradation_sheet(train[0], c.image_size, FLAGS.rows, FLAGS.seed, FLAGS.out)
   n = FLAGS.rows * FLAGS.cols
-  it = pipeline.train_iterator(b.as_data_source(c.dataset.train_split), size=c.image_size, global_batch=n,
-                               seed=c.seed, process_index=0, process_count=1)
+  it = pipeline.train_iterator(train if len(train) > 1 else train[0], size=c.image_size, global_batch=n,
+                               seed=c.seed, process_index=0, process_count=1,
+                               weights=[s.weight for s in specs] if len(train) > 1 else None)
   batch = next(it)
   x = augment.augment(jax.random.PRNGKey(FLAGS.seed), jnp.asarray(batch["image"]), dict(c.augment),
                       jnp.asarray(batch["index"]))
@@ -65,7 +80,42 @@ def main(argv):
       parts.append(labels.RACE_NAMES[batch["race"][i]])
     captions.append(" ".join(parts))
   contact_sheet(shown, captions, FLAGS.cols, FLAGS.out)
-  print(f"wrote {FLAGS.out} ({n} augmented samples of {c.dataset.name} {c.dataset.train_split})")
+  print(f"wrote {FLAGS.out} ({n} augmented samples of {' + '.join(s.label for s in specs)} training data)")
+
+
+def dataset_sheet(c, names: list[str], cols: int, out: str) -> None:
+  """`cols` unaugmented training chips of each dataset, a row each, as the builders stored them."""
+  from agejax.data import builders, mixture, pipeline
+  images, captions = [], []
+  for spec in mixture.sources(mixture_config(c, names)):
+    b = builders.ensure_built(spec.name, spec.config or None, c.dataset.data_dir or None, spec.manual_dir or None)
+    src = b.as_data_source(spec.train_split)
+    for i in np.random.RandomState(0).choice(len(src), size=min(cols, len(src)), replace=False):
+      images.append(pipeline.decode_face(src[int(i)]["image"], 200))
+      captions.append(f"{spec.label} {src[int(i)]['age']:.0f}")
+  contact_sheet(np.stack(images), captions, cols, out)
+  print(f"wrote {out} ({cols} training chips each of {', '.join(names)})")
+
+
+def mixture_config(c, names):
+  d = c.dataset.copy_and_resolve_references()
+  with d.unlocked():
+    d.mixture = ",".join(f"{n}:1" for n in names)
+  return d
+
+
+def degradation_sheet(source, size: int, rows: int, seed: int, out: str) -> None:
+  """`rows` training faces, each clean and under every degradation."""
+  import jax
+  from agejax.data import degrade, pipeline
+  pick = np.random.RandomState(seed).choice(len(source), size=rows, replace=False)
+  faces = np.stack([pipeline.decode_face(source[int(i)]["image"], size) for i in pick])
+  names = list(degrade.DEGRADATIONS)
+  columns = [faces] + [np.asarray(degrade.apply(n, jax.random.PRNGKey(seed + k), faces)) for k, n in enumerate(names)]
+  grid = np.stack(columns, axis=1).reshape(-1, size, size, 3)
+  captions = (["clean"] + names) * rows
+  contact_sheet(grid, captions, len(columns), out)
+  print(f"wrote {out} ({rows} faces, clean and under {', '.join(names)})")
 
 
 if __name__ == "__main__":

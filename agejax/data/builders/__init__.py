@@ -7,6 +7,7 @@ import sys
 
 from etils import epath
 
+from agejax.data.builders.aaf import Aaf
 from agejax.data.builders.adience import Adience
 from agejax.data.builders.base import BadInputError, FaceBuilder
 from agejax.data.builders.chalearn import Chalearn15, Chalearn16
@@ -16,7 +17,7 @@ from agejax.data.builders.utkface import Utkface
 
 BUILDERS: dict[str, type[FaceBuilder]] = {
     "utkface": Utkface, "chalearn15": Chalearn15, "chalearn16": Chalearn16,
-    "morph": Morph, "adience": Adience, "folder": Folder,
+    "morph": Morph, "adience": Adience, "folder": Folder, "aaf": Aaf,
 }
 
 
@@ -59,6 +60,11 @@ def ensure_built(name: str, config: str | None, data_dir: str | None, manual_dir
   import tensorflow_datasets as tfds
   remove_incomplete(builder)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  stats = getattr(builder, "build_stats", None)
+  if stats:  # how the build went (e.g. AAF's alignment routes), kept beside the records
+    import json
+    with open(os.path.join(os.fspath(builder.data_dir), "build_stats.json"), "w") as f:
+      json.dump(stats, f, indent=1)
   return builder
 
 
