@@ -33,7 +33,7 @@ def teacher_distributions(teacher, source, batch_size: int = 64, progress: bool 
   probs, pred_age, ages, index = [], [], [], []
   for b in batches:
     keep = b["valid"] > 0
-    out = teacher.predict(b["image"][keep], batch_size=batch_size)
+    out = teacher.predict(b["image"][keep], batch_size=batch_size, calibrated=False)
     probs.append(out["probs"].astype(np.float32))
     pred_age.append(out["age"].astype(np.float32))
     ages.append(b["age"][keep])

@@ -149,8 +149,8 @@ def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "
   """Evaluate a trained model and write the report files under workdir/eval.
 
   `split` defaults to each dataset's test split. A mixture is evaluated on every source
-  (eval/<dataset>_<split>.*) and pooled; its summary gets `per_dataset` and eval/<split>_by_dataset.md
-  has the table. `dataset` ("aaf", "utkface/coral2019") evaluates on that dataset instead of the
+  (eval/<dataset>_<split>.*) and pooled: eval/<split>.json is the pooled summary with `per_dataset`,
+  eval/<split>_by_dataset.md the table. `dataset` ("aaf", "utkface/coral2019") evaluates on that dataset instead of the
   config's (cross-dataset: its protocol's test split on the same label grid).
   """
   import jax
@@ -185,7 +185,7 @@ def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "
                  "dataset": "+".join(per_dataset), "per_dataset": per_dataset})
   if jax.process_index() == 0:
     name = (split or "test").replace("+", "_")
-    with open(os.path.join(out_dir, f"{name}_by_dataset.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:  # the pooled summary with per_dataset
       json.dump(jsonable(pooled), f, indent=2)
     with open(os.path.join(out_dir, f"{name}_by_dataset.md"), "w") as f:
       f.write(dataset_table(pooled))

@@ -22,6 +22,10 @@ ResNet-18 trunk (longer than an hour a run here); the hour's budget spent on
 `multitask_tiny_tuned_hour`: test MAE 4.80; age alone 4.89 ± 0.04 over three seeds, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split;
 TinyAgeNet learning the bundled face model's distributions (`distill`; the teacher file is made first).
 
+cross_dataset: the bundled model's recipe trained on UTKFace, on All-Age-Faces (`configs/aaf.py`),
+on both mixed (`--config.dataset.mixture`), and on both with the photo degradations; each run is
+scored on both test splits, and results.md gets the trained-on x tested-on table.
+
 --jobs N splits this process's cores into N groups and trains N runs at once,
 each pinned to its group, with its output in <run>/log.txt: for hosts with more
 cores than one small run uses well. On the 2-core CPU here it gains nothing (two
@@ -55,6 +59,9 @@ _TEACHER = "runs/teacher/utkface_face_resnet.npz"
 # with the trunk at 0.03x the heads' rate: the bundled model's recipe, after the trunk's variant.
 _MTMSA_003 = ("gaussian_nll,multitask --config.model.msa_stages=(3,4) "
               "--config.optimizer.trunk_lr_factor=0.03")
+
+# The mixture the cross-dataset suite trains on (and the bundled model's data).
+_MIXTURE = "utkface:0.75,aaf:0.25"
 
 # name -> (config argument, description)
 SUITES = {
@@ -118,18 +125,34 @@ SUITES = {
         "coral2019_mtmsa_trunk003": (f"configs/utkface.py:coral2019,face_resnet,{_MTMSA_003}",
                                      "`mtmsa_trunk003` on the CORAL 2019 split (21-60)"),
     },
+    # The bundled model's recipe trained on UTKFace, on All-Age-Faces and on both; every run is also
+    # scored on each dataset of CROSS_DATASETS (the cross-dataset table, `cross_table`).
+    "cross_dataset": {
+        "utkface": (f"configs/utkface.py:face_resnet,{_MTMSA_003}", "trained on UTKFace"),
+        "aaf": (f"configs/aaf.py:face_resnet,{_MTMSA_003}", "trained on All-Age-Faces"),
+        "mixture": (f"configs/utkface.py:face_resnet,{_MTMSA_003} --config.dataset.mixture={_MIXTURE}",
+                    "trained on both (UTKFace 0.75, AAF 0.25)"),
+        "mixture_degrade": (f"configs/utkface.py:face_resnet,degrade,{_MTMSA_003} "
+                            f"--config.dataset.mixture={_MIXTURE}",
+                            "trained on both, with the photo degradations (`degrade`)"),
+    },
 }
+
+# The suites whose runs are scored on several datasets' test splits: suite -> dataset names.
+CROSS_DATASETS = {"cross_dataset": ("utkface", "aaf")}
 
 
 def run_dir(workdir: str, name: str, seed: int) -> str:
   return os.path.join(workdir, f"{name}_seed{seed}")
 
 
-def run_one(config_arg: str, wd: str, seed: int, log_path: str | None = None) -> dict:
+def run_one(config_arg: str, wd: str, seed: int, log_path: str | None = None, datasets: tuple[str, ...] = ()) -> dict:
   """Train (resuming) and evaluate one run; returns its test summary. With log_path the
-  commands' output is appended there instead of the console (for runs side by side)."""
+  commands' output is appended there instead of the console (for runs side by side). Each of
+  `datasets` whose eval/<name>_test.json is missing is scored too (evaluate.py --dataset)."""
   summary_path = os.path.join(wd, "eval", "test.json")
   if os.path.exists(summary_path):
+    cross_evaluate(config_arg, wd, seed, datasets, log_path)
     return json.load(open(summary_path))
   config, *overrides = config_arg.split(" ")
   common = ["--config", config, "--workdir", wd, f"--config.seed={seed}", *overrides]
@@ -155,7 +178,49 @@ def run_one(config_arg: str, wd: str, seed: int, log_path: str | None = None) ->
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   with open(os.path.join(wd, "timing.json"), "w") as f:
     json.dump({"train_seconds": train_s, "total_seconds": time.time() - t0, "cores": cores}, f)
+  cross_evaluate(config_arg, wd, seed, datasets, log_path)
   return s
+
+
+def cross_evaluate(config_arg: str, wd: str, seed: int, datasets: tuple[str, ...], log_path: str | None = None):
+  """evaluate.py --dataset NAME for each of `datasets` without eval/<NAME>_test.json in the run."""
+  config, *overrides = config_arg.split(" ")
+  for name in datasets:
+    if os.path.exists(os.path.join(wd, "eval", f"{name}_test.json")):
+      continue
+    log = open(log_path, "a") if log_path else None
+    try:
+      subprocess.run([sys.executable, "evaluate.py", "--config", config, "--workdir", wd, f"--config.seed={seed}",
+                      *overrides, "--dataset", name], cwd=ROOT, check=True, stdout=log, stderr=log)
+    finally:
+      if log:
+        log.close()
+
+
+def cross_table(suite: str, workdir: str) -> tuple[str, list[dict]]:
+  """Markdown: each entry (trained on) against each dataset of CROSS_DATASETS[suite] (tested on),
+  MAE (mean ± sd over seeds), bias, CS@5 and 90% coverage, from the runs' eval/<dataset>_test.json."""
+  datasets = CROSS_DATASETS[suite]
+  rows = []
+  for name, (_, desc) in SUITES[suite].items():
+    for d in datasets:
+      runs = []
+      for entry in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
+        path = os.path.join(workdir, entry, "eval", f"{d}_test.json")
+        if entry.startswith(f"{name}_seed") and os.path.exists(path):
+          runs.append(json.load(open(path)))
+      if runs:
+        rows.append({"name": name, "description": desc, "tested_on": d, "seeds": len(runs),
+                     "mae": [r["mae"] for r in runs], "bias": [r["bias"] for r in runs],
+                     "cs5": [r["cs"]["5"] for r in runs], "coverage90": [r.get("coverage90") for r in runs],
+                     "clean_mae": [r.get("clean", {}).get("mae") for r in runs]})
+  lines = [f"# {suite}: trained on (rows) and tested on (columns)", "",
+           "| trained on | tested on | seeds | MAE | bias | CS@5 | 90% coverage | clean MAE |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['description']} | {r['tested_on']} test | {r['seeds']} | {_fmt(r['mae'])} | "
+                 f"{_fmt(r['bias'])} | {_fmt(r['cs5'], 3)} | {_fmt(r['coverage90'], 3)} | {_fmt(r['clean_mae'])} |")
+  return "\n".join(lines) + "\n", rows
 
 
 def core_groups(cores, jobs: int) -> list[list[int]]:
@@ -172,7 +237,8 @@ def core_groups(cores, jobs: int) -> list[list[int]]:
   return groups
 
 
-def run_side_by_side(tasks: list[tuple[str, str, str, int]], groups: list[list[int]]) -> list[str]:
+def run_side_by_side(tasks: list[tuple[str, str, str, int]], groups: list[list[int]],
+                     datasets: tuple[str, ...] = ()) -> list[str]:
   """Runs (name, config_arg, run_dir, seed) tasks, one worker thread per core group.
 
   Each worker pins its own thread to its group (Linux's sched_setaffinity with pid 0 acts
@@ -191,7 +257,7 @@ def run_side_by_side(tasks: list[tuple[str, str, str, int]], groups: list[list[i
       log = os.path.join(wd, "log.txt")
       print(f"[cores {','.join(map(str, group))}] {name} seed {seed}: started, log {log}", flush=True)
       try:
-        s = run_one(config_arg, wd, seed, log_path=log)
+        s = run_one(config_arg, wd, seed, log_path=log, datasets=datasets)
         print(f"[cores {','.join(map(str, group))}] {name} seed {seed}: test MAE {s['mae']:.2f}", flush=True)
       except subprocess.CalledProcessError as e:
         with lock:
@@ -346,13 +412,13 @@ def main(argv=None):
     if a.jobs == 1:
       for name, config_arg, wd, seed in tasks:
         try:
-          run_one(config_arg, wd, seed)
+          run_one(config_arg, wd, seed, datasets=CROSS_DATASETS.get(a.suite, ()))
         except subprocess.CalledProcessError as e:
           print(f"error: run {name} (seed {seed}) failed with exit code {e.returncode}; see the message above.",
                 file=sys.stderr)
           return 1
     else:
-      failures = run_side_by_side(tasks, groups)
+      failures = run_side_by_side(tasks, groups, CROSS_DATASETS.get(a.suite, ()))
       for f in failures:
         print(f"error: {f}", file=sys.stderr)
       if failures:
@@ -361,6 +427,10 @@ def main(argv=None):
   os.makedirs(a.workdir, exist_ok=True)
   figures = plot_suite(a.workdir, rows)
   table += "".join(f"\n![{os.path.basename(f)}]({os.path.basename(f)})\n" for f in figures)
+  if a.suite in CROSS_DATASETS:
+    cross, cross_rows = cross_table(a.suite, a.workdir)
+    table += "\n" + cross
+    json.dump(cross_rows, open(os.path.join(a.workdir, "cross_results.json"), "w"), indent=2)
   open(os.path.join(a.workdir, "results.md"), "w").write(table)
   json.dump(rows, open(os.path.join(a.workdir, "results.json"), "w"), indent=2)
   print(table)

@@ -59,6 +59,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
                "resized to S; normalisation is inside",
       "outputs": sorted(exp.out_tree.unflatten([0] * exp.out_tree.num_leaves).keys()),
       "model": config.model.name, "loss": config.loss.name, "dataset": config.dataset.name,
+      "mixture": config.dataset.get("mixture", ""),
       "gender": bool(config.model.gender), "race": bool(config.model.race),
       "race_names": list(labels.RACE_NAMES), "gender_names": list(labels.GENDER_NAMES),
       "chip": {"size": 200, "padding": faces.CHIP_PADDING}, "weights_dtype": weights_dtype,
@@ -118,12 +119,41 @@ class ExportedModel:
       raise ExportError(f"{blob_path}: the network gives {width} age probabilities, but {meta_path}'s label "
                         f"grid has {len(self.grid)} ages.")
 
-  def predict(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+  @property
+  def temperature(self) -> float:
+    """The calibration temperature model.json records (1.0: none)."""
+    return float((self.meta.get("calibration") or {}).get("temperature", 1.0))
+
+  def predict(self, images: np.ndarray, batch_size: int = 64, calibrated: bool = True) -> dict[str, np.ndarray]:
+    """The network's outputs for uint8 faces. With `calibrated` (and a temperature in model.json),
+    "probs" are the calibrated distributions and "std" their spread (`agejax.calibration`); "age"
+    is the network's expectation either way."""
     images = np.asarray(images, np.uint8)
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"expected uint8 images (b, {self.image_size}, {self.image_size}, 3), got {images.shape}.")
     parts = [self._exported.call(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    if calibrated and self.temperature != 1.0:
+      from agejax import calibration
+      out["probs"] = calibration.apply_temperature(out["probs"], self.temperature)
+      out["std"] = calibration.std(out["probs"], self.grid)
+    return out
+
+
+def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None) -> dict:
+  """Fit the exported model's temperature on `datasets`' validation splits and record it (with what
+  it was fitted on and the coverage before and after) as model.json's "calibration"."""
+  from agejax import robustness
+  fit = robustness.fit_on_validation(load(out_dir), datasets, data_dir)
+  path = os.path.join(out_dir, "model.json")
+  with open(path) as f:
+    meta = json.load(f)
+  meta["calibration"] = fit
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2)
+  os.replace(tmp, path)
+  return fit
 
 
 def load(path: str) -> ExportedModel:
@@ -139,17 +169,24 @@ def main(argv=None):
   flags.DEFINE_string("checkpoint", "best", "best | last | a step number.")
   flags.DEFINE_string("out", None, "Output folder (default WORKDIR/export).")
   flags.DEFINE_enum("weights", "float32", ["float32", "bfloat16"], "Stored weight precision (bfloat16: half the size).")
+  flags.DEFINE_bool("calibrate", False, "Fit the 90% interval's temperature on the validation splits of the "
+                    "datasets the model was trained on (agejax.calibration) and record it in model.json.")
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):
     from agejax import cli, evaluate_lib, train_lib
+    from agejax.data import mixture
     F = flags.FLAGS
     cli.setup_jax(F.config)
     trainer = train_lib.Trainer(F.config, F.workdir, with_data=False)  # the dataset may not be here
     state = evaluate_lib.load_checkpoint(trainer, F.workdir, F.checkpoint)
     out = export_state(trainer, state, F.out or os.path.join(F.workdir, "export"),
                        {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))}, weights_dtype=F.weights)
-    print(json.dumps({"exported": out}))
+    result = {"exported": out}
+    if F.calibrate:
+      result["calibration"] = calibrate(out, [spec.label for spec in mixture.sources(F.config.dataset)],
+                                        F.config.dataset.data_dir or None)
+    print(json.dumps(result))
 
   app.run(run, argv)
 

@@ -218,7 +218,14 @@ def quantile(probs, grid, q) -> jax.Array:
 
 
 def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Array]:
-  """The central interval holding `mass` of a distribution: (q_{(1-mass)/2}, q_{(1+mass)/2}).
+  """The equal-tailed set of grid labels holding at least `mass`: labels l_a..l_b with a the first
+  index whose cumulative mass exceeds (1 - mass) / 2 and b the first whose cumulative mass reaches
+  (1 + mass) / 2. The mass below l_a and the mass above l_b are each at most (1 - mass) / 2, and
+  dropping l_a or l_b would break that; both bounds belong to the set (an age y is inside when
+  l_a <= y <= l_b).
+
+  Example: probabilities (0, .05, .9, .05, 0) on 0..4 give the 90% set {2}: 0.05 lies below it
+  and 0.05 above.
 
   Args:
     probs: (..., K) distributions.
@@ -229,12 +236,18 @@ def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Arr
     (low, high), each (...,) float32 labels from the grid.
 
   References:
-    The equal-tailed interval of the predicted distribution; see `quantile`.
+    The equal-tailed interval of a discrete distribution (each tail at most (1 - mass) / 2);
+    cumulative sums as in `cumulative`, with a 1e-6 tolerance for float32 rounding.
   """
   if not 0.0 < mass < 1.0:
     raise ValueError(f"central_interval: mass must be in (0, 1), got {mass}.")
   tail = (1.0 - mass) / 2.0
-  return quantile(probs, grid, tail), quantile(probs, grid, 1.0 - tail)
+  cdf = cumulative(probs)
+  k = cdf.shape[-1]
+  lo = jnp.sum(cdf <= tail + 1e-6, axis=-1)          # labels wholly inside the lower tail
+  hi = jnp.sum(cdf < 1.0 - tail - 1e-6, axis=-1)     # the first label reaching 1 - tail
+  g = _f32(grid)
+  return g[jnp.clip(lo, 0, k - 1)], g[jnp.clip(hi, 0, k - 1)]
 
 
 def nearest_label_index(ages, grid) -> jax.Array:

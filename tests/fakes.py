@@ -119,3 +119,60 @@ def smoke_exported(config, out_dir: str, steps: int = 3):
   for _ in range(steps):
     state, _ = trainer.train_step(state, trainer.global_batch(next(it)))
   return trainer, state, export.export_state(trainer, state, out_dir)
+
+
+# Where a 300x340 AAF photo's 49 landmarks lie in the fakes: eyes at y=150, 80 px apart, nose below.
+def aaf_points(dx: float = 0.0) -> np.ndarray:
+  pts = np.zeros((49, 2))
+  pts[0:10] = [[95 + 12 * i + dx, 120] for i in range(10)]                  # eyebrows
+  pts[10:19] = [[150 + dx, 150 + 8 * i] for i in range(9)]                  # nose; 16 its base
+  pts[16] = [150 + dx, 205]
+  pts[19:25] = [[100 + 6 * i + dx, 150] for i in range(6)]                  # image-left eye: 19 outer, 22 inner
+  pts[19], pts[22] = [100 + dx, 150], [130 + dx, 150]
+  pts[25:31] = [[170 + 6 * i + dx, 150] for i in range(6)]                  # image-right eye: 25 inner, 28 outer
+  pts[25], pts[28] = [170 + dx, 150], [200 + dx, 150]
+  pts[31:49] = [[120 + 3 * i + dx, 240] for i in range(18)]                 # mouth
+  return pts
+
+
+def aaf_archive(manual_dir: str, names: list[str], ages: dict[str, int] | None = None,
+                drop_points: tuple[str, ...] = ()):
+  """AAF-train.tar.gz (noise photos: no detector finds a face, so the landmarks align them) and labels.csv."""
+  os.makedirs(manual_dir, exist_ok=True)
+  rows = ["file_name,age,gender,group_id,group_size,label_conflict"]
+  with tarfile.open(os.path.join(manual_dir, "AAF-train.tar.gz"), "w:gz") as tar:
+    for i, name in enumerate(names):
+      data = jpeg_bytes(i, size=300)
+      info = tarfile.TarInfo(f"original images/{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+      if name not in drop_points:
+        text = "\n".join(f"{x:.3f} {y:.3f}" for x, y in aaf_points(i % 3)).encode()
+        info = tarfile.TarInfo(f"key points/{name[:-4]}.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+      age = (ages or {}).get(name, int(name[6:8]))
+      rows.append(f"{name},{age},{'female' if int(name[:5]) < 7381 else 'male'},{name},1,{i % 7 == 0:d}")
+  open(os.path.join(manual_dir, "labels.csv"), "w").write("\n".join(rows) + "\n")
+
+
+def aaf_names(per_split: dict[str, int]) -> list[str]:
+  """The first names of each split of agejax's shipped AAF split table."""
+  from agejax.data.builders import aaf
+  table = aaf.split_table()
+  out = []
+  for split, n in per_split.items():
+    out += [k for k, v in sorted(table.items()) if v == split][:n]
+  return out
+
+
+def built_utkface(root, per_split: dict[str, int]):
+  """A prepared fake `utkface` under root/data (generated chips named from agejax's split table)."""
+  from agejax.data import builders
+  from agejax.data.builders import utkface
+  names = []
+  table = utkface.split_table()
+  for split, n in per_split.items():
+    names += [k for k, r in sorted(table.items()) if r["split"] == split and utkface.NAME_RE.match(k)][:n]
+  utkface_archive(os.path.join(str(root), "utk_manual"), names)
+  return builders.ensure_built("utkface", None, os.path.join(str(root), "data"), os.path.join(str(root), "utk_manual"))

@@ -97,10 +97,15 @@ def test_quantile_and_interval():
   grid = jnp.arange(5.0)
   p = jnp.array([.1, .2, .4, .2, .1])
   assert float(ldl.quantile(p, grid, 0.5)) == 2.0
+  # CDF .1 .3 .7 .9 1. 80%: label 0 (0.1) fits in the lower tail of 0.1, label 4 in the upper: {1, 2, 3}.
   lo, hi = ldl.central_interval(p, grid, 0.8)
-  assert (float(lo), float(hi)) == (0.0, 3.0)  # first labels with CDF >= 0.1 and >= 0.9
+  assert (float(lo), float(hi)) == (1.0, 3.0)
+  # 50%: tails of 0.25; {1, 2} would leave 0.3 above, {2, 3} 0.3 below: {1, 2, 3}.
   lo, hi = ldl.central_interval(p, grid, 0.5)
   assert (float(lo), float(hi)) == (1.0, 3.0)
+  # 20%: tails of 0.4; 0.3 fits below label 2 and 0.3 above it: {2}.
+  lo, hi = ldl.central_interval(p, grid, 0.2)
+  assert (float(lo), float(hi)) == (2.0, 2.0)
 
 
 def test_jit_and_vmap():

@@ -40,7 +40,12 @@ def test_adience_groups_and_one_off():
 def test_interval_coverage():
   grid = jnp.arange(5.0)
   p = jnp.array([[0., .05, .9, .05, 0.]] * 4)
-  true = jnp.array([2.0, 2.0, 1.0, 4.0])
-  # 90% central interval of that distribution: [1, 3] -> covers 2, 2, 1, not 4.
-  np.testing.assert_allclose(metrics.interval_coverage(p, grid, true, 0.9), 0.75)
+  true = jnp.array([2.0, 2.0, 1.0, 3.0])
+  # The 90% set of (0, .05, .9, .05, 0) is {2}: 0.05 lies below it and 0.05 above, each within the
+  # 0.05 tail. It covers 2, 2 and neither 1 (an off-by-one at the lower bound would) nor 3 (at the upper).
+  np.testing.assert_allclose(metrics.interval_coverage(p, grid, true, 0.9), 0.5)
   np.testing.assert_allclose(metrics.interval_coverage(p, grid, true, 0.5), 0.5)
+  # Lopsided: (0, 0, .5, .45, .05), CDF 0 0 .5 .95 1; the 90% set is {2, 3} (0.05 above 3 fits the tail).
+  q = jnp.array([[0., 0., .5, .45, .05]] * 4)
+  np.testing.assert_allclose(metrics.interval_coverage(q, grid, jnp.array([1.0, 2.0, 3.0, 4.0]), 0.9), 0.5)
+  np.testing.assert_allclose(metrics.interval_coverage(q[:1], grid, jnp.array([3.0]), 0.9), 1.0)
