@@ -23,14 +23,14 @@ def main(argv):
   del argv
   from agejax import cli
   cli.setup_jax(FLAGS.config)
-  from agejax import train_lib, workdir
+  from agejax import checkpoints, train_lib, workdir
   from agejax.data.builders import BadInputError, DatasetNotFoundError
   try:
     summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train_lib.Preempted as e:
     print(str(e), file=sys.stderr)
     return 128 + (e.signum or 15)
-  except (DatasetNotFoundError, BadInputError, ValueError, train_lib.NonFiniteLossError,
+  except (DatasetNotFoundError, BadInputError, ValueError, train_lib.NonFiniteLossError, checkpoints.CheckpointWriteError,
           workdir.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

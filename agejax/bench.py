@@ -39,9 +39,8 @@ from agejax import cpu, ldl, models
 # What `train_lib.train_step` reads of a config: DLDL-v2 as train.py runs it, augmentation off.
 STEP_CONFIG = {"augment": {"flip": 0.0, "grayscale": 0.0, "rescale": False, "rotate": 0.0, "color_jitter": 0.0,
                            "translate": 0.0},
-               "loss": {"name": "dldl_v2", "lam": 1.0, "sigma": 2.0, "min_sigma": 0.0, "kl_reduction": "sum",
-                        "lam_mean": 0.2, "lam_var": 0.05, "alpha": 1.0, "gender_weight": 1.0, "race_weight": 1.0,
-                        "stage1_epochs": 0, "stage1_steps": 0},
+               # the loss's hyper-parameters are left to agejax.losses' defaults
+               "loss": {"name": "dldl_v2", "gender_weight": 1.0, "race_weight": 1.0, "stage1_epochs": 0},
                "debug_nan_step": -1}
 
 

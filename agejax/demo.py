@@ -11,7 +11,8 @@ those heads), a plot of each face's age distribution, and the results as JSON an
 Built on Gradio (`pip install 'agejax[demo]'`), the convention of such demos. It serves on
 127.0.0.1 only, makes no request outside it (no analytics, no share link, fonts and scripts
 from the package) and keeps no upload: each is deleted once answered, and the results offered
-for download are removed after RESULTS_KEPT_S. Uploads are capped at --max_file_mb and
+for download (its own copies and Gradio's) are deleted RESULTS_KEPT_S after they were written, by a
+sweep at every request and every minute, and all of them when the server stops. Uploads are capped at --max_file_mb and
 MAX_PHOTOS a request; unreadable files, decompression bombs and photos without a face get a
 message on the page while the app keeps serving.
 """
@@ -167,6 +168,7 @@ def build_app(estimator: Estimator, work_dir: str):
   import gradio as gr
 
   def run(files, snapshot, aligned, thorough):
+    sweep_results(work_dir)
     request_dir = tempfile.mkdtemp(dir=work_dir)
     paths = [getattr(f, "name", f) for f in (files or [])]
     names = [os.path.basename(p) for p in paths]
@@ -185,6 +187,7 @@ def build_app(estimator: Estimator, work_dir: str):
       summary += "\n\n" + "\n".join(f"- ⚠ {m}" for m in ans.messages)
     return (summary, ans.images, ans.table, ans.plot, [json_path, csv_path])
 
+  start_janitor(work_dir)  # results: deleted RESULTS_KEPT_S after they were written
   with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(60, RESULTS_KEPT_S)) as page:
     gr.Markdown(f"# {TITLE}\nChoose or drop photos; every face gets an age, a 90% interval"
                 + (", gender and race" if estimator.model.meta.get("gender") else "")
@@ -209,6 +212,36 @@ def build_app(estimator: Estimator, work_dir: str):
                             elem_id="downloads")
     go.click(run, [files, snapshot, aligned, thorough], [summary, images, table, plots, downloads], concurrency_limit=1)
   return page
+
+
+def sweep_results(work_dir: str, max_age_s: float = RESULTS_KEPT_S, now: float | None = None) -> list[str]:
+  """Delete the request folders (results offered for download) in work_dir older than max_age_s;
+  returns them. The uploads folder is Gradio's, swept by its own delete_cache."""
+  import time
+  now = time.time() if now is None else now
+  removed = []
+  for name in os.listdir(work_dir) if os.path.isdir(work_dir) else []:
+    path = os.path.join(work_dir, name)
+    if name == "uploads" or not os.path.isdir(path):
+      continue
+    try:
+      if now - os.path.getmtime(path) > max_age_s:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    except OSError:
+      pass
+  return removed
+
+
+def start_janitor(work_dir: str, every_s: float = 60.0, max_age_s: float = RESULTS_KEPT_S) -> threading.Event:
+  """A daemon thread calling sweep_results every `every_s`; set the returned event to stop it."""
+  stop = threading.Event()
+
+  def loop():
+    while not stop.wait(every_s):
+      sweep_results(work_dir, max_age_s)
+  threading.Thread(target=loop, daemon=True, name="agejax-demo-janitor").start()
+  return stop
 
 
 def _remove(path: str):

@@ -80,7 +80,8 @@ def main(argv=None):
     meta = {"teacher": os.path.abspath(teacher_dir), "dataset": ds.name, "config": ds.config,
             "version": str(builder.version), "split": ds.train_split, "records": len(source),
             "teacher_mae": float(np.mean(np.abs(out["pred_age"] - out["age"])))}
-    teacher_file.save(flags.FLAGS.out, out["probs"], out["age"], grid, meta)
+    teacher_file.save(flags.FLAGS.out, out["probs"], out["age"], grid, meta,
+                      filenames=pipeline.label_array(source, "filename"))
     print(json.dumps({**meta, "out": flags.FLAGS.out, "minutes": round(seconds / 60, 2),
                       "images_per_sec": round(len(source) / seconds, 1)}))
 

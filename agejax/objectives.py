@@ -24,27 +24,38 @@ class Objective:
   per_example: Callable  # (outputs, batch, grid, hp) -> (B,)
 
 
+# The label spread where neither the data nor the config gives one (DLDL-v2's sigma = 2 years);
+# configs/default.py's `loss.sigma` starts from it.
+DEFAULT_SIGMA = 2.0
+
+
 def _sigma(batch, hp):
   """Per-image sigma from the data where it exists (ChaLearn), else the config's."""
   s = batch.get("sigma")
-  default = hp.get("sigma", 2.0)
+  default = hp.get("sigma", DEFAULT_SIGMA)
   if s is None:
     return jnp.full_like(batch["age"], default, dtype=jnp.float32)
   # Datasets without a per-image sigma store 0: use the default there.
   return jnp.where(s > 0, jnp.maximum(s, hp.get("min_sigma", 0.0)), default)
 
 
+def _given(hp: Mapping, *names: str) -> dict:
+  """The hyper-parameters of `names` that `hp` sets; the others keep the loss function's own
+  default (its signature in `agejax.losses` is the one place each default lives)."""
+  return {n: hp[n] for n in names if n in hp}
+
+
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
     Objective("dldl_v2", "distribution", lambda o, b, g, hp: losses.dldl_v2(
-        o["age_logits"], b["age"], _sigma(b, hp), g, hp.get("lam", 1.0), hp.get("kl_reduction", "sum"))),
+        o["age_logits"], b["age"], _sigma(b, hp), g, **_given(hp, "lam", "kl_reduction"))),
     Objective("distill", "distribution", lambda o, b, g, hp: losses.distillation(
-        o["age_logits"], b["teacher_probs"], b["age"], _sigma(b, hp), g, hp.get("lam", 1.0),
-        hp.get("teacher_weight", 1.0))),
+        o["age_logits"], b["teacher_probs"], b["age"], _sigma(b, hp), g, **_given(hp, "lam", "teacher_weight"))),
     Objective("dldl", "distribution", lambda o, b, g, hp: losses.dldl(o["age_logits"], b["age"], _sigma(b, hp), g)),
     Objective("dex", "distribution", lambda o, b, g, hp: losses.dex(o["age_logits"], b["age"], g)),
     Objective("mean_variance", "distribution", lambda o, b, g, hp: losses.mean_variance(
-        o["age_logits"], b["age"], g, hp.get("lam_mean", 0.2), hp.get("lam_var", 0.05))),
-    Objective("sord", "distribution", lambda o, b, g, hp: losses.sord(o["age_logits"], b["age"], g, hp.get("alpha", 1.0))),
+        o["age_logits"], b["age"], g, **_given(hp, "lam_mean", "lam_var"))),
+    Objective("sord", "distribution", lambda o, b, g, hp: losses.sord(o["age_logits"], b["age"], g,
+                                                                      **_given(hp, "alpha"))),
     Objective("ranking_bce", "ordinal", lambda o, b, g, hp: losses.ranking_bce(o["age_logits"], b["age"], g)),
     Objective("coral", "coral", lambda o, b, g, hp: losses.coral(o["age_logits"], b["age"], g)),
     Objective("corn", "ordinal", lambda o, b, g, hp: losses.corn(o["age_logits"], b["age"], g)),

@@ -14,10 +14,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
-import sys
-import threading
 from typing import Any
 
 import flax
@@ -31,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from agejax import ldl, models, objectives, summaries, workdir as workdir_lib
+from agejax import checkpoints, ldl, models, objectives, preemption, summaries, workdir as workdir_lib
 from agejax.data import augment, builders, mixture, pipeline, teacher
 from agejax.models.heads import with_age_bias
 from agejax.reporting import MetricWriter, Progress
@@ -89,6 +86,11 @@ def validate(config: ml_collections.ConfigDict):
                      "(use the distill loss, or drop the teacher).")
   if not 0.0 <= config.loss.teacher_weight <= 1.0:
     raise ValueError(f"config.loss.teacher_weight={config.loss.teacher_weight} is not in [0, 1].")
+  if config.dataset.get("mixture", ""):
+    mixture.parse(config.dataset.mixture)
+    if config.loss.name == "distill":
+      raise ValueError("config.dataset.mixture: the distill loss reads a teacher file of one dataset's training split; "
+                       "train on one dataset to distil.")
   if config.model.ops not in models.ops.KINDS:
     raise ValueError(f"config.model.ops: {config.model.ops!r} is not one of {models.ops.KINDS}.")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -202,14 +204,15 @@ def create_train_state(config, model, tx, rng, mesh, age_bias=None, trunk=None) 
   return jax.jit(init, out_shardings=replicated)(rng, age_bias, trunk)
 
 
-def train_step(state: TrainState, batch, *, model, tx, objective, grid, config):
-  """One optimisation step on a global batch; returns the new state and scalar metrics."""
+def train_step(state: TrainState, batch, *, model, tx, objective, grid, config, stage1_steps: int = 0):
+  """One optimisation step on a global batch; returns the new state and scalar metrics.
+  `stage1_steps` > 0: the L1 term is off for those first steps (DLDL-v2's two-stage recipe)."""
   step_rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, drop_rng = jax.random.split(step_rng)
   images = augment.augment(aug_rng, batch["image"], dict(config.augment), batch.get("index"))
   hp = dict(config.loss)
-  if config.loss.stage1_epochs > 0:
-    hp["lam"] = jnp.where(state.step < config.loss.stage1_steps, 0.0, config.loss.lam)
+  if stage1_steps > 0:
+    hp["lam"] = jnp.where(state.step < stage1_steps, 0.0, config.loss.lam)
   weights = {"gender": config.loss.gender_weight, "race": config.loss.race_weight}
 
   def loss_fn(params):
@@ -271,7 +274,9 @@ class Trainer:
       if config.loss.name == "distill":
         self.per_record["teacher_probs"] = teacher.load(
             config.loss.teacher, np.asarray(self.grid), pipeline.label_array(self.train_source, "age"),
-            f"{ds.name}/{ds.config or 'default'} {ds.train_split}")
+            f"{ds.name}/{ds.config or 'default'} {ds.train_split}",
+            filenames=pipeline.label_array(self.train_source, "filename"),
+            identity={"dataset": ds.name, "config": ds.config, "split": ds.train_split})
     else:
       self.builder = self.train_source = None
       self.builders, self.train_sources = [], []
@@ -279,12 +284,11 @@ class Trainer:
       self.steps_per_epoch = 1
     self.num_steps = (config.num_train_steps if config.num_train_steps > 0
                       else int(config.num_epochs * self.steps_per_epoch))
-    with config.unlocked():
-      config.loss.stage1_steps = int(config.loss.stage1_epochs * self.steps_per_epoch)
+    self.stage1_steps = int(config.loss.stage1_epochs * self.steps_per_epoch)
     self.tx, self.lr_fn = make_optimizer(config, self.steps_per_epoch)
     self.train_step = jax.jit(
         functools.partial(train_step, model=self.model, tx=self.tx, objective=self.objective, grid=self.grid,
-                          config=config),
+                          config=config, stage1_steps=self.stage1_steps),
         in_shardings=(self.replicated, self.data_sharding), out_shardings=(self.replicated, self.replicated),
         donate_argnums=(0,))
     self.eval_step = jax.jit(
@@ -314,6 +318,15 @@ class Trainer:
     return pipeline.train_iterator(self.train_source, size=self.config.image_size,
                                    global_batch=self.config.batch_size, seed=self.config.seed,
                                    workers=self.config.workers, per_record=self.per_record)
+
+  def data_files(self) -> list[str]:
+    """The record files of the training splits (for messages about damaged records)."""
+    import glob
+    files = []
+    for b, spec in zip(self.builders, self.sources):
+      for part in spec.train_split.split("+"):
+        files += sorted(glob.glob(os.path.join(os.fspath(b.data_dir), f"*-{part}.array_record*")))
+    return files
 
   def data_source(self, split: str, source: int = 0):
     """The records of a split of the `source`-th dataset (0: the config's own, or the mixture's first)."""
@@ -360,92 +373,9 @@ class Trainer:
     return {k: v[order] for k, v in merged.items()}
 
 
-def checkpoint_managers(workdir: str, config) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-  """The last-k manager (state + data iterator) and the best-by-validation-MAE manager (state)."""
-  last = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True),
-      item_names=("state", "data"))
-  best = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "best"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_mae"], best_mode="min",
-                                           create=True, enable_async_checkpointing=False),
-      item_names=("state",))
-  return last, best
-
-
-def abstract_state(state_like):
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state_like)
-
-
-def restore_state(manager: ocp.CheckpointManager, step: int, template: TrainState, iterator=None):
-  items = {"state": ocp.args.StandardRestore(abstract_state(template))}
-  if iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-
-def restore_newest(workdir: str, config, last_mgr, template: TrainState, iterator, log):
-  """(manager, state, step) from the newest checkpoint that restores, or (manager, None, None).
-
-  A checkpoint that does not restore (a state chunk or the data-iterator file missing) is
-  moved, not deleted, to <workdir>/damaged_checkpoints/<step>, and the next older one is
-  tried; `log` says which and why. The manager is reopened when one was moved.
-  """
-  moved = False
-  for step in sorted(last_mgr.all_steps(), reverse=True):
-    try:
-      return last_mgr, restore_state(last_mgr, step, template, iterator), step
-    except Exception as e:  # orbax and grain raise assorted errors for damaged checkpoints
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-      if jax.process_index() == 0:
-        aside = os.path.join(workdir, "damaged_checkpoints")
-        os.makedirs(aside, exist_ok=True)
-        target = os.path.join(aside, str(step))
-        while os.path.exists(target):
-          target += "_"
-        shutil.move(os.path.join(os.path.abspath(workdir), "checkpoints", str(step)), target)
-        log(f"Checkpoint {step} does not restore ({reason}); moved to {target} and trying an older one.")
-      moved = True
-  if moved:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("damaged checkpoints moved")
-    last_mgr.close()
-    last_mgr = checkpoint_managers(workdir, config)[0]
-  return last_mgr, None, None
-
-
-class _StopSignals:
-  """SIGTERM / SIGINT ask training to stop at the next step (one process: Python handlers; several:
-  jax's preemption sync point, which every process reaches at the same step)."""
-
-  def __init__(self):
-    self.signum = 0
-    self.previous = {}
-    self.multihost = jax.process_count() > 1
-
-  def install(self) -> "_StopSignals":
-    if not self.multihost and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self.previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signum = signum
-
-  def requested(self, step: int) -> bool:
-    if self.multihost:
-      from jax.experimental import multihost_utils
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # jax.distributed without the preemption service
-        return False
-    return self.signum != 0
-
-  def restore(self) -> None:
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
+# Kept under their old names for callers of train_lib.
+checkpoint_managers = checkpoints.managers
+restore_state = checkpoints.restore_state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -455,108 +385,159 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   goes NaN/Inf; checkpoints are only written after the losses since the last
   check were verified finite, so the last one on disk is good. On SIGTERM or SIGINT
   it saves a checkpoint of the step it reached, waits for it and raises Preempted.
-  The workdir is held by one training at a time (workdir_lib.lock).
+  A workdir whose recorded config differs from `config` (in anything but RESUMABLE_FIELDS) is
+  refused before anything is written (workdir.ConfigChangedError). The workdir is held by one
+  training at a time (workdir_lib.lock).
   """
   trainer = Trainer(config, workdir)
   is_main = jax.process_index() == 0
+  workdir_lib.check_resume_config(workdir, config)
   if is_main:
     workdir_lib.prepare(workdir)
   with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
     return _train(trainer, config, workdir, is_main)
 
 
-def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, Any]:
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  log = lambda text: print(text, file=sys.stderr, flush=True) if is_main else None
-  last_mgr, best_mgr = checkpoint_managers(workdir, config)
+def _start_state(trainer: Trainer, config, workdir: str, last_mgr, log):
+  """(manager, state, data iterator, step resumed from or None): the newest checkpoint that
+  restores, else a fresh state."""
   it = trainer.train_iterator()
   state, start = None, None
   if last_mgr.all_steps():
-    last_mgr, state, start = restore_newest(workdir, config, last_mgr, trainer.init_state(fresh=False), it, log)
+    last_mgr, state, start = checkpoints.restore_newest(workdir, config, last_mgr, trainer.init_state(fresh=False),
+                                                        it, log)
     if start is None:
       log(f"No checkpoint in {workdir}/checkpoints restores; training from step 0.")
       it = trainer.train_iterator()
   if state is None:
     state = trainer.init_state()
+  return last_mgr, state, it, start
+
+
+def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, Any]:
+  log = checkpoints.log_line if is_main else (lambda text: None)
+  last_mgr, best_mgr = checkpoints.managers(workdir, config)
+  try:
+    last_mgr, state, it, start = _start_state(trainer, config, workdir, last_mgr, log)
+  except BaseException:
+    last_mgr.close()
+    best_mgr.close()
+    raise
   if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
     dropped = workdir_lib.truncate_metrics(workdir, start or 0)
     if start is not None:
       log(f"Resumed from step {start} in {workdir}/checkpoints"
           + (f" (dropped {dropped} metrics rows logged after it)." if dropped else "."))
   writer = MetricWriter(workdir, enabled=is_main)
   step = int(jax.device_get(state.step))
-  eval_every = max(1, int(config.eval_every_epochs * trainer.steps_per_epoch))
   progress = Progress(trainer.num_steps, "train", unit="step", initial=step, enabled=is_main)
-  pending: list[dict[str, jax.Array]] = []
-  summary: dict[str, Any] = {}
+  loop = _Loop(trainer, config, workdir, last_mgr, best_mgr, writer, progress, it)
+  stop = preemption.StopSignals(log).install()
+  try:
+    summary = loop.run(state, step, stop)
+  finally:
+    stop.restore()
+    progress.close()
+    try:
+      checkpoints.guarded(workdir, last_mgr, last_mgr.wait_until_finished)
+    finally:
+      last_mgr.close()
+      best_mgr.close()
+      writer.close()
+  if is_main:
+    with open(os.path.join(workdir, "final_validation.json"), "w") as f:
+      json.dump(summaries.jsonable(summary), f, indent=2)
+  return summary
 
-  def check_finite(at_step: int):
+
+class _Loop:
+  """The training loop's steps, logging, checks, checkpoints and validation."""
+
+  def __init__(self, trainer, config, workdir, last_mgr, best_mgr, writer, progress, it):
+    self.trainer, self.config, self.workdir = trainer, config, workdir
+    self.last_mgr, self.best_mgr, self.writer, self.progress, self.it = last_mgr, best_mgr, writer, progress, it
+    self.pending: list[dict[str, jax.Array]] = []
+    self.eval_every = max(1, int(config.eval_every_epochs * trainer.steps_per_epoch))
+
+  def run(self, state, step: int, stop) -> dict[str, Any]:
+    config, trainer = self.config, self.trainer
+    summary: dict[str, Any] = {}
+    while step < trainer.num_steps:
+      if stop.requested(step):
+        self.check_finite(step)
+        self.save(step, state, force=True)
+        checkpoints.guarded(self.workdir, self.last_mgr, self.last_mgr.wait_until_finished)
+        raise Preempted(stop.signum, step, self.workdir)
+      local = self.next_batch()
+      state, metrics = trainer.train_step(state, trainer.global_batch(local))
+      step += 1
+      self.pending.append(metrics)
+      self.progress.update(1, images=config.batch_size)
+      if step % config.log_every_steps == 0 or step == trainer.num_steps:
+        self.log_train(step)
+      if step % config.checkpoint_every_steps == 0 or step == trainer.num_steps:
+        self.check_finite(step)
+        self.save(step, state)
+      if config.dataset.eval_split and (step % self.eval_every == 0 or step == trainer.num_steps):
+        summary = self.validate(step, state)
+    return summary
+
+  def next_batch(self):
+    try:
+      return next(self.it)
+    except Exception as e:
+      err = pipeline.as_data_error(e, self.trainer.data_files())
+      if err is e:
+        raise
+      raise err from None
+
+  def check_finite(self, at_step: int):
+    pending, self.pending = self.pending, []
     if not pending:
       return
     losses = np.asarray(jax.device_get([m["loss"] for m in pending]))
     if not np.all(np.isfinite(losses)):
       bad = at_step - len(pending) + int(np.argmin(np.isfinite(losses)))
-      last = last_mgr.latest_step()
-      last_mgr.wait_until_finished()
+      last = self.last_mgr.latest_step()
+      self.last_mgr.wait_until_finished()
       raise NonFiniteLossError(
           f"The training loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}. "
-          f"The last good checkpoint is step {last} in {os.path.join(workdir, 'checkpoints')} (left intact). "
+          f"The last good checkpoint is step {last} in {os.path.join(self.workdir, 'checkpoints')} (left intact). "
           "Lower config.optimizer.learning_rate, set config.optimizer.grad_clip, or check the data.")
+    self.pending = []
 
-  stop = _StopSignals().install()
-  try:
-    while step < trainer.num_steps:
-      if stop.requested(step):
-        check_finite(step)
-        if last_mgr.latest_step() != step:
-          last_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=grain.checkpoint.CheckpointSave(it)), force=True)
-        last_mgr.wait_until_finished()
-        raise Preempted(stop.signum, step, workdir)
-      local = next(it)
-      state, metrics = trainer.train_step(state, trainer.global_batch(local))
-      step += 1
-      pending.append(metrics)
-      progress.update(1, images=config.batch_size)
-      if step % config.log_every_steps == 0 or step == trainer.num_steps:
-        check_finite(step)
-        avg = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
-        avg["learning_rate"] = float(trainer.lr_fn(step - 1))
-        avg["epoch"] = step / trainer.steps_per_epoch
-        avg.update(progress.rates())
-        writer.write(step, avg, prefix="train")
-        progress.log(f"step {step}/{trainer.num_steps} epoch {avg['epoch']:.2f} loss {avg['loss']:.4f} "
-                     f"mae {avg['train_mae']:.2f} lr {avg['learning_rate']:.2e} "
-                     f"{avg['images_per_sec']:.1f} img/s ETA {progress.eta_str()}")
-        pending = []
-      if step % config.checkpoint_every_steps == 0 or step == trainer.num_steps:
-        check_finite(step)
-        pending = []
-        last_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=grain.checkpoint.CheckpointSave(it)))
-      if config.dataset.eval_split and (step % eval_every == 0 or step == trainer.num_steps):
-        check_finite(step)
-        pending = []
-        with progress.paused():
-          summary, per_source = trainer.validate_sources(state, config.eval_limit)
-          row = summaries.scalars(summary)
-          for label, s in per_source.items():
-            row.update({f"{label}/{k}": v for k, v in summaries.scalars(s).items()})
-          writer.write(step, row, prefix="val")
-          progress.log(f"step {step} validation MAE {summary['mae']:.3f} CS@5 {summary['cs'][5]:.3f}"
-                       + "".join(f"; {label} {s['mae']:.3f}" for label, s in per_source.items()))
-          best_mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                        metrics={"val_mae": float(summary["mae"])})
-  finally:
-    stop.restore()
-    progress.close()
-    last_mgr.wait_until_finished()
-    last_mgr.close()
-    best_mgr.close()
-    writer.close()
-  if is_main:
-    with open(os.path.join(workdir, "final_validation.json"), "w") as f:
-      json.dump(summaries.jsonable(summary), f, indent=2)
-  return summary
+  def log_train(self, step: int):
+    pending = self.pending
+    self.check_finite(step)
+    trainer = self.trainer
+    avg = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+    avg["learning_rate"] = float(trainer.lr_fn(step - 1))
+    avg["epoch"] = step / trainer.steps_per_epoch
+    avg.update(self.progress.rates())
+    self.writer.write(step, avg, prefix="train")
+    self.progress.log(f"step {step}/{trainer.num_steps} epoch {avg['epoch']:.2f} loss {avg['loss']:.4f} "
+                      f"mae {avg['train_mae']:.2f} lr {avg['learning_rate']:.2e} "
+                      f"{avg['images_per_sec']:.1f} img/s ETA {self.progress.eta_str()}")
+
+  def save(self, step: int, state, force: bool = False):
+    if self.last_mgr.latest_step() == step:
+      return
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(self.it))
+    checkpoints.guarded(self.workdir, self.last_mgr, self.last_mgr.save, step, args=args, force=force)
+
+  def validate(self, step: int, state) -> dict[str, Any]:
+    self.check_finite(step)
+    with self.progress.paused():
+      summary, per_source = self.trainer.validate_sources(state, self.config.eval_limit)
+      row = summaries.scalars(summary)
+      for label, s in per_source.items():
+        row.update({f"{label}/{k}": v for k, v in summaries.scalars(s).items()})
+      self.writer.write(step, row, prefix="val")
+      self.progress.log(f"step {step} validation MAE {summary['mae']:.3f} CS@5 {summary['cs'][5]:.3f}"
+                        + "".join(f"; {label} {s['mae']:.3f}" for label, s in per_source.items()))
+      checkpoints.guarded(self.workdir, self.best_mgr, self.best_mgr.save, step,
+                          args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                          metrics={"val_mae": float(summary["mae"])})
+    return summary

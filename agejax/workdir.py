@@ -7,6 +7,8 @@
   restarts from, so `metrics.jsonl` holds every step once.
 - `check_config` compares a config with the one the run recorded in `config.json`, naming
   every field that would make its checkpoints unreadable or its numbers different.
+- `check_resume_config` refuses to continue a run that has checkpoints with a config that
+  differs from its recorded one in anything but RESUMABLE_FIELDS, before anything is written.
 """
 
 from __future__ import annotations
@@ -115,3 +117,48 @@ def check_config(workdir: str, config) -> None:
   if diffs:
     raise ValueError(f"The config does not match the run in {workdir}: " + ", ".join(diffs)
                      + f". Use the config it was trained with (recorded in {path}).")
+
+
+# Fields a resumed run may change: where data and logs go, how often it reports, how it reads.
+RESUMABLE_FIELDS = ("log_every_steps", "eval_every_epochs", "eval_limit", "checkpoint_every_steps",
+                    "keep_checkpoints", "workers", "dataset.data_dir", "dataset.manual_dir", "dataset.on_error",
+                    "distributed", "model.ops", "debug_nan_step")
+
+
+class ConfigChangedError(WorkdirError):
+  """A rerun in a workdir whose recorded config differs; the message names the fields."""
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def check_resume_config(workdir: str, config) -> None:
+  """ConfigChangedError naming every field (outside RESUMABLE_FIELDS) where `config` differs from
+  workdir/config.json, when the workdir holds checkpoints to resume; nothing is written or moved.
+  A workdir without checkpoints (or without config.json) passes."""
+  path = os.path.join(workdir, "config.json")
+  has_ckpt = any(os.path.isdir(os.path.join(workdir, d)) and
+                 any(n.isdigit() for n in os.listdir(os.path.join(workdir, d))) for d in ("checkpoints", "best"))
+  if not (os.path.exists(path) and has_ckpt):
+    return
+  try:
+    with open(path) as f:
+      recorded = _flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ConfigChangedError(f"{path} cannot be read ({e}); the run's config is unknown, so it is not resumed. "
+                             "Pick another --workdir.") from None
+  given = _flatten(json.loads(config.to_json_best_effort()))
+  diffs = [f"{k}={given.get(k)!r} (recorded {recorded.get(k)!r})" for k in sorted(set(recorded) | set(given))
+           if k not in RESUMABLE_FIELDS and given.get(k) != recorded.get(k)
+           and not (k not in recorded and given.get(k) in ("", 0, False, None, ()))]  # a field added since, left off
+  if diffs:
+    raise ConfigChangedError(f"{workdir} holds a run trained with another config: {', '.join(diffs)}. Rerun with "
+                             f"the recorded config ({path}) to resume it, or pick another --workdir.")

@@ -31,12 +31,18 @@ e.g. `--config configs/chalearn16.py:tiny,cpu`.
 
 import ml_collections
 
-from agejax import models, objectives
+import inspect
+
+from agejax import losses, models, objectives
 
 MODELS = models.MODEL_NAMES          # the registries' names: a new model or loss is a variant at once
 SCHEDULES = ("smoke", "cpu")
 DEGRADE_P = 0.1  # the `degrade` variant: each degradation's probability
 LOSSES = tuple(objectives.OBJECTIVES)
+
+
+def _default(fn, name: str):
+  return inspect.signature(fn).parameters[name].default
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,12 +58,16 @@ def base_config() -> ml_collections.ConfigDict:
       pretrained="",           # "dlib" (or a .dat path): start the face_resnet trunk from dlib's face ResNet
       age_bias_init="zeros",   # "prior": coral / ranking_bce biases = logit P(y > l_k) of the training ages
       ops="auto"))             # layers: auto (XLA:CPU's on one CPU device, else plain Flax) | plain | cpu
+  # The losses' hyper-parameters start from their functions' defaults (agejax.losses: one place each).
   c.loss = ml_collections.ConfigDict(dict(
-      name="dldl_v2", lam=1.0, sigma=2.0, min_sigma=0.0, kl_reduction="sum",
-      lam_mean=0.2, lam_var=0.05, alpha=1.0, gender_weight=1.0, race_weight=1.0,
+      name="dldl_v2", lam=_default(losses.dldl_v2, "lam"), sigma=objectives.DEFAULT_SIGMA, min_sigma=0.0,
+      kl_reduction=_default(losses.dldl_v2, "kl_reduction"),
+      lam_mean=_default(losses.mean_variance, "lam_mean"), lam_var=_default(losses.mean_variance, "lam_var"),
+      alpha=_default(losses.sord, "alpha"), gender_weight=1.0, race_weight=1.0,
       stage1_epochs=0,   # > 0: KL only for these epochs (the official two-stage recipe)
       teacher="",        # loss distill: a teacher file of `python -m agejax.distill`
-      teacher_weight=1.0))  # distill's label: this x the teacher's distribution + the rest x the Gaussian
+      # distill's label: this x the teacher's distribution + the rest x the Gaussian
+      teacher_weight=_default(losses.distillation, "teacher_weight")))
   c.augment = ml_collections.ConfigDict(dict(
       flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4, translate=0.0,
       # how real photos look (agejax.data.degrade): each one's probability, 0 = off

@@ -175,3 +175,27 @@ def test_page_in_a_real_browser(server, browser, photos, tmp_path):
   assert urllib.request.urlopen(url, timeout=10).status == 200  # still serving
   assert not outside, f"requests left 127.0.0.1: {outside}"
   page.close()
+
+
+def test_results_are_deleted_after_the_time_the_page_promises(tmp_path):
+  import time as _time
+  work = tmp_path / "work"
+  old, new, uploads = work / "req_old", work / "req_new", work / "uploads"
+  for d in (old, new, uploads):
+    d.mkdir(parents=True)
+    (d / "results.csv").write_text("x")
+  now = _time.time()
+  os.utime(old, (now - demo.RESULTS_KEPT_S - 5, now - demo.RESULTS_KEPT_S - 5))
+  os.utime(uploads, (now - 10 * demo.RESULTS_KEPT_S,) * 2)
+  assert demo.sweep_results(str(work), now=now) == [str(old)]
+  assert not old.exists() and (new / "results.csv").exists() and uploads.exists()
+  # the janitor thread does the same without requests
+  os.utime(new, (now - demo.RESULTS_KEPT_S - 5,) * 2)
+  stop = demo.start_janitor(str(work), every_s=0.05)
+  try:
+    deadline = _time.time() + 10
+    while new.exists() and _time.time() < deadline:
+      _time.sleep(0.05)
+  finally:
+    stop.set()
+  assert not new.exists()

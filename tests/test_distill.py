@@ -52,9 +52,21 @@ def test_teacher_file_round_trip_and_clear_refusals(tmp_path):
   ages = np.array([3.0, 25.0, 61.5, 99.0, 40.0], np.float32)
   probs = _teacher_probs(ages)
   path = str(tmp_path / "t.npz")
-  teacher.save(path, probs, ages, GRID, {"dataset": "folder", "config": "", "split": "train"})
+  names = [f"{i}.jpg" for i in range(5)]
+  ident = {"dataset": "folder", "config": "", "split": "train"}
+  teacher.save(path, probs, ages, GRID, ident, filenames=names)
   assert not os.path.exists(path + ".tmp.npz")
-  np.testing.assert_array_equal(teacher.load(path, GRID, ages), probs)
+  np.testing.assert_array_equal(teacher.load(path, GRID, ages, filenames=names, identity=ident), probs)
+  # two records of equal age swapped: the ages agree, the file names do not
+  same = np.array([30.0, 30.0, 61.5, 99.0, 40.0], np.float32)
+  teacher.save(path, probs, same, GRID, ident, filenames=names)
+  with pytest.raises(ValueError, match=r"file names differ .* at 2 of 5 records \(first: record 0, '0.jpg' against '1.jpg'\)"):
+    teacher.load(path, GRID, same, filenames=[names[1], names[0], *names[2:]])
+  with pytest.raises(ValueError, match="made for split 'train', the student trains on 'validation'"):
+    teacher.load(path, GRID, same, filenames=names, identity={**ident, "split": "validation"})
+  with pytest.raises(ValueError, match="made for dataset 'folder', the student trains on 'utkface'"):
+    teacher.load(path, GRID, same, filenames=names, identity={**ident, "dataset": "utkface"})
+  teacher.save(path, probs, ages, GRID, ident, filenames=names)
   with pytest.raises(FileNotFoundError, match="python -m agejax.distill"):
     teacher.load(str(tmp_path / "none.npz"), GRID, ages)
   with pytest.raises(ValueError, match=r"label grid \(101 ages, 0..100\) is not the student's \(40 ages, 21..60\)"):
@@ -141,7 +153,8 @@ def test_teacher_from_an_exported_model_then_a_student_learns_it(data_dir, tmp_p
   assert summary["records"] == len(source) and summary["split"] == "train" and summary["images_per_sec"] > 0
   # The file holds the export's flip-averaged predictions of each clean training image, in record order.
   ages = pipeline.label_array(source, "age")
-  probs = teacher.load(out, np.asarray(trainer.grid), ages)
+  probs = teacher.load(out, np.asarray(trainer.grid), ages, filenames=pipeline.label_array(source, "filename"),
+                       identity={"dataset": "folder", "config": "", "split": "train"})
   images = np.stack([pipeline.decode_face(source[i]["image"], 32) for i in range(len(source))])
   want = export.load(model_dir).predict(images)
   np.testing.assert_allclose(probs, want["probs"], atol=1e-6)
@@ -171,7 +184,9 @@ def test_teacher_from_an_exported_model_then_a_student_learns_it(data_dir, tmp_p
         f"--config.loss.teacher={out}"])
   assert os.path.exists(wd / "metrics.jsonl")
   other = str(tmp_path / "other.npz")
-  teacher.save(other, probs[::-1], ages[::-1], np.asarray(trainer.grid), {"split": "train"})
+  names = pipeline.label_array(source, "filename")
+  teacher.save(other, probs[::-1], ages[::-1], np.asarray(trainer.grid),
+               {"dataset": "folder", "config": "", "split": "train"}, filenames=names[::-1])
   sc.loss.teacher = other
   with pytest.raises(ValueError, match="made for another split or order"):
     train_lib.Trainer(sc)

@@ -54,15 +54,21 @@ def load_params(path):
 
 
 def restore_params(workdir):
-  """Params of the latest checkpoint, read back with orbax (no config needed)."""
-  import orbax.checkpoint as ocp
-  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-  step = mgr.latest_step()
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mgr.close()
+  """Params of the latest checkpoint, read back with orbax as numpy arrays (no config, and whatever
+  devices or processes wrote it)."""
   import jax
+  import orbax.checkpoint as ocp
+  root = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(root) if d.isdigit())
+  path = os.path.join(root, str(step), "state")
+  ckpt = ocp.PyTreeCheckpointer()
+  meta = ckpt.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  restored = ckpt.restore(path, restore_args=jax.tree_util.tree_map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
   return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-                jax.tree_util.tree_leaves_with_path(restored["state"]["params"])}
+                jax.tree_util.tree_leaves_with_path(restored["params"])}
 
 
 def test_smoke_train_then_evaluate_through_the_clis(tmp_path, data_dir):
@@ -81,7 +87,23 @@ def test_smoke_train_then_evaluate_through_the_clis(tmp_path, data_dir):
   assert brief["split"] == "test" and brief["n"] == 6 and brief["mae"] > 0
   summary = json.load(open(wd / "eval" / "test.json"))
   assert set(summary["cs"]) == {str(k) for k in range(11)} and summary["flip_tta"] is True
-  assert "epsilon_error" in summary  # the generated data has per-image sigma
+  assert summary["epsilon_error_n"] == 6  # every test row of the generated data has a sigma
+  # The training split mixes rows with a sigma (even rows, 2.5) and without (odd, 0): the
+  # epsilon-error averages the first kind only.
+  run(["evaluate.py", "--config", "configs/default.py:smoke", "--workdir", str(wd), "--split", "train",
+       "--config.dataset.name=folder", f"--config.dataset.data_dir={data_dir}"])
+  train_summary = json.load(open(wd / "eval" / "train.json"))
+  sigma = {}
+  for line in open(os.path.join(os.path.dirname(data_dir), "manual", "labels.csv")).read().splitlines()[1:]:
+    path, _, s, *_ = line.split(",")
+    sigma[os.path.basename(path)] = float(s)
+  errs = []
+  for row in __import__("csv").DictReader(open(wd / "eval" / "train_predictions.csv")):
+    s = sigma[os.path.basename(row["file"])]
+    if s > 0:
+      errs.append(1 - np.exp(-(float(row["predicted_age"]) - float(row["true_age"])) ** 2 / (2 * s * s)))
+  assert 0 < len(errs) == train_summary["epsilon_error_n"] < train_summary["n"]
+  np.testing.assert_allclose(train_summary["epsilon_error"], np.mean(errs), atol=2e-3)  # the CSV rounds to 0.01
   lines = open(wd / "eval" / "test_predictions.csv").read().splitlines()
   assert lines[0].startswith("file,true_age,predicted_age,predicted_std,top1") and len(lines) == 7
   for fig in ("pred_vs_true", "per_group", "cs_curve", "examples"):
@@ -273,6 +295,70 @@ def test_sigterm_saves_the_step_it_reached_and_resume_is_bitwise_identical(tmp_p
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert _train_steps(wd) == list(range(1, 13))  # each step once
+
+
+def _start_two(args, port):
+  """train.py in two processes of one jax.distributed job (one CPU device each)."""
+  procs = []
+  for i in range(2):
+    e = env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, *args, "--config.distributed=True"], cwd=ROOT, env=e,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_bitwise(tmp_path, data_dir):
+  extra = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=100", "--config.eval_every_epochs=100",
+           "--config.log_every_steps=1"]
+  straight = _start_two(smoke_args(tmp_path / "straight", data_dir, *extra), _free_port())
+  for p in straight:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  wd = tmp_path / "term"
+  procs = _start_two(smoke_args(wd, data_dir, *extra), _free_port())
+  _wait_for(lambda: max(_train_steps(wd), default=0) >= 4)
+  procs[1].send_signal(signal.SIGTERM)  # the second host is preempted
+  errs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for e in errs]
+  steps = {int(e.split("at step ")[1].split(";")[0]) for e in errs}
+  assert len(steps) == 1 and 4 <= steps.pop() < 12
+  resumed = _start_two(smoke_args(wd, data_dir, *extra), _free_port())
+  for p in resumed:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  s1, a = restore_params(str(tmp_path / "straight"))
+  s2, b = restore_params(str(wd))
+  assert s1 == s2 == 12
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def mixture_data_dir(data_dir):
+  """data_dir with a fake UTKFace beside the folder dataset."""
+  fakes.built_utkface(os.path.dirname(data_dir), {"train": 24, "val": 8, "test": 8})
+  return data_dir
+
+
+def test_mixture_killed_and_resumed_is_bitwise_identical(tmp_path, mixture_data_dir):
+  """A two-dataset mixture stopped by SIGKILL after a checkpoint resumes every source's position."""
+  extra = ["--config.num_train_steps=12", "--config.checkpoint_every_steps=4", "--config.eval_every_epochs=100",
+           "--config.log_every_steps=1", "--config.dataset.mixture=folder:0.6,utkface:0.4",
+           "--config.label_grid.stop=116"]
+  run(smoke_args(tmp_path / "straight", mixture_data_dir, *extra))
+  wd = tmp_path / "killed"
+  p = _start(smoke_args(wd, mixture_data_dir, *extra))
+  ckpt = wd / "checkpoints"
+  _wait_for(lambda: ckpt.exists() and "4" in os.listdir(ckpt) and max(_train_steps(wd), default=0) >= 6)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  p2 = run(smoke_args(wd, mixture_data_dir, *extra))
+  assert "Resumed from step" in p2.stderr
+  s1, a = restore_params(str(tmp_path / "straight"))
+  s2, b = restore_params(str(wd))
+  assert s1 == s2 == 12
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_sigkill_after_a_checkpoint_leaves_each_metrics_step_once(tmp_path, data_dir):

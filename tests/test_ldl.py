@@ -65,8 +65,15 @@ def test_bf16_input():
 
 
 def test_gradient_wrt_age_is_finite_for_tiny_sigma():
-  g = jax.grad(lambda a: ldl.expectation(ldl.gaussian_label_distribution(a, 1e-8, GRID), GRID))(30.2)
-  assert np.isfinite(g)
+  grad = lambda sigma, age: float(jax.grad(
+      lambda a: ldl.expectation(ldl.gaussian_label_distribution(a, sigma, GRID), GRID))(age))
+  # sigma -> 0 is a one-hot of the nearest label: the expectation does not move (0, not NaN)
+  assert grad(1e-8, 30.2) == 0.0
+  # away from the grid's ends a sigma-2 label moves its expectation one-for-one with the age
+  np.testing.assert_allclose(grad(2.0, 30.2), 1.0, atol=1e-4)
+  # a narrow label between two grid points: the expectation moves faster than the age, still finite
+  g = grad(0.3, 30.5)
+  assert np.isfinite(g) and 2.0 < g < 4.0
 
 
 def test_ranking_is_learning_label_distribution():

@@ -118,7 +118,7 @@ def test_side_by_side_runs_are_pinned_to_their_cores(monkeypatch, tmp_path):
   cores = sorted(before)[:2]
   seen = []
 
-  def fake_run_one(config_arg, wd, seed, log_path=None):
+  def fake_run_one(config_arg, wd, seed, log_path=None, datasets=()):
     out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
                          capture_output=True, text=True, check=True).stdout
     seen.append((os.path.basename(wd), tuple(json.loads(out)), log_path))
@@ -138,7 +138,7 @@ def test_side_by_side_runs_are_pinned_to_their_cores(monkeypatch, tmp_path):
 def test_side_by_side_stops_starting_runs_after_a_failure(monkeypatch, tmp_path, capsys):
   started = []
 
-  def fake_run_one(config_arg, wd, seed, log_path=None):
+  def fake_run_one(config_arg, wd, seed, log_path=None, datasets=()):
     started.append(os.path.basename(wd))
     if wd.endswith("bad_seed0"):
       raise subprocess.CalledProcessError(3, ["train.py"])
@@ -308,7 +308,7 @@ def test_seed_start_adds_seeds_to_an_entry(monkeypatch, tmp_path):
   _fake_run(tmp_path, "dldl_v2", 0, 5.0)
   ran = []
 
-  def fake_run_one(config_arg, wd, seed, log_path=None):
+  def fake_run_one(config_arg, wd, seed, log_path=None, datasets=()):
     ran.append((os.path.basename(wd), seed, config_arg.split(" ")[-1]))
     _fake_run(tmp_path, "dldl_v2", seed, 5.0 + seed / 10)
     return {"mae": 5.0}
@@ -320,11 +320,15 @@ def test_seed_start_adds_seeds_to_an_entry(monkeypatch, tmp_path):
   assert "| DLDL-v2 (KL + L1 on the expectation) | 3 | 5.10 ± 0.10 |" in (tmp_path / "results.md").read_text()
 
 
-def test_bench_predict_mode_counts_photos_and_faces():
+def test_bench_predict_mode_counts_the_faces_detection_finds():
+  """Whole photos (one astronaut each, shifted, mirrored, brightened): the count is what the
+  detector found in them, so a detector that misses or doubles faces changes it."""
   pytest.importorskip("skimage")
+  pytest.importorskip("dlib")
   from agejax import bench
-  r = bench.predict_rate(None, aligned=True, count=6)
-  assert (r["photos"], r["faces"], r["aligned"]) == (6, 6, True) and r["faces_per_s"] > 0
+  r = bench.predict_rate(None, aligned=False, count=4, detector="hog")
+  assert (r["photos"], r["faces"], r["aligned"], r["detector"]) == (4, 4, False, "hog")
+  assert r["faces_per_s"] == pytest.approx(r["photos_per_s"], rel=0.02)
 
 
 def test_face_suite_entries_configure_what_their_names_say():

@@ -44,11 +44,57 @@ class Decode(grain.transforms.Map):
   extra_keys: tuple[str, ...] = ()  # per-record arrays attached by `_with_index`
 
   def map(self, ex: dict[str, Any]) -> dict[str, np.ndarray]:
-    out = {"image": decode_face(ex["image"], self.size)}
+    try:
+      image = decode_face(ex["image"], self.size)
+    except Exception as e:  # PIL's many errors for damaged bytes
+      name = ex.get("filename", b"?")
+      raise DamagedRecordError(f"record {int(ex.get('index', -1))} ({name.decode(errors='replace')}): the stored "
+                               f"image does not decode ({type(e).__name__}: {e}); check the dataset with "
+                               "python -m agejax.data.build NAME --verify.") from None
+    out = {"image": image}
     for k in LABEL_KEYS + ("index",) + self.extra_keys:
       if k in ex:
         out[k] = np.asarray(ex[k])
     return out
+
+
+class DamagedRecordError(ValueError):
+  """A built dataset's record that cannot be read or decoded; the message names the files and how to rebuild."""
+
+
+def describe_source(source) -> tuple[str, str]:
+  """(what, rebuild hint) for messages: "utkface train (/data/utkface/default/1.1.0)"."""
+  info = getattr(source, "dataset_info", None)
+  if info is None:
+    return "the dataset", "rebuild it"
+  name, split, where = info.name, getattr(source, "split", "?"), info.data_dir
+  return (f"{name} {split} ({where}/*-{split}.array_record*)",
+          f"check every record with: python -m agejax.data.build {name} --verify; rebuild with --rebuild")
+
+
+def read_record(source, i: int) -> dict:
+  """source[i], or DamagedRecordError naming the dataset's files and the record."""
+  try:
+    return source[i]
+  except Exception as e:  # array_record raises RuntimeError("Corrupted Riegeli/records file ...")
+    what, hint = describe_source(source)
+    raise DamagedRecordError(f"record {i} of {what} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); the file is damaged: {hint}.") from None
+
+
+def as_data_error(e: BaseException, files: list[str]) -> BaseException:
+  """A data-iterator failure as one clear error: DamagedRecordError as it is; a storage error grain
+  re-raised without the record (a damaged file) as DamagedRecordError naming `files`; others unchanged."""
+  if isinstance(e, DamagedRecordError):
+    return e
+  text = str(e)
+  if "DamagedRecordError" in text:  # re-raised from a worker process: keep the original message
+    return DamagedRecordError(text.split("DamagedRecordError:")[-1].strip().splitlines()[0])
+  if "Corrupted" in text or "Riegeli" in text:
+    return DamagedRecordError(f"a training record cannot be read ({text.splitlines()[0][:200]}); the dataset "
+                              f"files are damaged: {', '.join(files) or 'see the data_dir'}. Check them with "
+                              "python -m agejax.data.build NAME --verify and rebuild with --rebuild.")
+  return e
 
 
 def label_array(source, key: str) -> np.ndarray:
@@ -65,7 +111,7 @@ def _with_index(source, per_record: dict[str, np.ndarray] | None = None, offset:
     if len(v) != len(source):
       raise ValueError(f"per-record {k!r} has {len(v)} rows for a split of {len(source)} records.")
   return grain.MapDataset.range(len(source)).map(
-      lambda i: {**source[int(i)], "index": np.int32(offset + i), "source": np.int32(source_id),
+      lambda i: {**read_record(source, int(i)), "index": np.int32(offset + i), "source": np.int32(source_id),
                  **{k: v[int(i)] for k, v in per_record.items()}})
 
 
