@@ -137,11 +137,13 @@ def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: in
           "images_per_s": round(rate, 1)}
 
 
-def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "auto") -> dict:
+def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "auto",
+                 runtime: str = "auto") -> dict:
   """Photos/s and faces/s of `predict` (`predict_lib.predict_files`) over a folder of `count` images
   built from scikit-image's astronaut photo: 200 px face chips (--aligned) or the whole
   512 px photo, each shifted, mirrored and brightened a little so no two files are the same;
-  detection by `detector` in `workers` processes (0: in this one)."""
+  detection by `detector` in `workers` processes (0: in this one); the network in `runtime`
+  (`agejax.export.RUNTIMES`)."""
   import tempfile
 
   import numpy as np
@@ -149,7 +151,7 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
   from skimage import data
 
   from agejax import export, faces, predict_lib
-  model = export.load(model_dir or predict_lib.DEFAULT_MODEL)
+  model = export.load(model_dir or predict_lib.DEFAULT_MODEL, runtime)
   photo = data.astronaut()
   aligner = None if aligned else faces.FaceAligner(detector=detector)
   base = faces.FaceAligner()(photo)[0].chip if aligned else photo
@@ -167,7 +169,7 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
     n_faces = sum(len(r.get("faces", [])) for r in predict_lib.predict_files(
         model, paths, aligned=aligned, aligner=aligner, workers=workers, keep_photo=False))
     seconds = time.perf_counter() - t
-  return {"mode": "predict", "model": model.meta.get("model"), "image_size": model.image_size,
+  return {"mode": "predict", "runtime": model.runtime, "model": model.meta.get("model"), "image_size": model.image_size,
           "aligned": aligned, "detector": None if aligned else detector, "workers": workers, "photos": count,
           "faces": n_faces, "photos_per_s": round(count / seconds, 2), "faces_per_s": round(n_faces / seconds, 2),
           "cpus": os.cpu_count()}
@@ -203,6 +205,8 @@ def main(argv=None):
   ap.add_argument("--workers", type=int, default=0, help="pipeline mode: grain worker processes; predict "
                   "mode: face detection processes")
   ap.add_argument("--detector", default="auto", help="predict mode: auto, hog or cnn")
+  ap.add_argument("--runtime", default="auto", choices=["auto", "jax", "onnx", "both"],
+                  help="predict mode: the network's runtime; both: jax then onnx, and their ratio")
   ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
@@ -215,7 +219,12 @@ def main(argv=None):
                   help="train/infer modes: the layers (auto: XLA:CPU's on one CPU device, else plain Flax)")
   a = ap.parse_args(argv)
   if a.mode == "predict":
-    print(json.dumps(predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector)))
+    runtimes = ["jax", "onnx"] if a.runtime == "both" else [a.runtime]
+    rows = [predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector, r) for r in runtimes]
+    for r in rows:
+      print(json.dumps(r))
+    if len(rows) == 2:
+      print(json.dumps({"mode": "predict", "onnx_over_jax": round(rows[1]["faces_per_s"] / rows[0]["faces_per_s"], 2)}))
     return
   if a.mode == "detect":
     archive = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")

@@ -44,3 +44,18 @@ def setup_jax(config=None):
 
   from agejax import cpu
   cpu.prepare(announce=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def config_path_importable(argv: list[str] | None = None) -> None:
+  """Put the folder above a `--config DIR/configs/NAME.py` on sys.path, so the config file's
+  `from configs import default` works whatever the working directory (e.g. `agejax train` run
+  from elsewhere against a checkout's configs/)."""
+  import sys
+  argv = sys.argv if argv is None else argv
+  for i, arg in enumerate(argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+    if value:
+      path = os.path.abspath(value.split(":", 1)[0])
+      root = os.path.dirname(os.path.dirname(path))
+      if os.path.isdir(os.path.join(root, "configs")) and root not in sys.path:
+        sys.path.insert(0, root)

@@ -258,6 +258,8 @@ def main(argv=None):
   flags.DEFINE_string("model", None, "An exported model folder (default: the bundled model).")
   flags.DEFINE_string("workdir", None, "A training run with an export/ folder.")
   flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.")
+  flags.DEFINE_enum("runtime", "auto", ["auto", "jax", "onnx"], "The network's runtime (auto: ONNX Runtime where "
+                    "installed and the model has model.onnx).")
   flags.DEFINE_integer("max_file_mb", 20, "Largest upload accepted, in megabytes.")
   flags.DEFINE_bool("open_browser", False, "Open the page in the default browser.")
 
@@ -278,8 +280,8 @@ def main(argv=None):
     from agejax import export
     model_dir = F.model or (os.path.join(F.workdir, "export") if F.workdir else predict_lib.DEFAULT_MODEL)
     try:
-      model = export.load(model_dir)
-    except (FileNotFoundError, export.ExportError) as e:
+      model = export.load(model_dir, F.runtime)
+    except (FileNotFoundError, export.ExportError, ImportError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
     import signal

@@ -1,11 +1,18 @@
-"""A trained model as a self-contained artifact: serialized StableHLO plus a small JSON.
+"""A trained model as a self-contained artifact: serialized StableHLO, ONNX, the weights and a JSON.
 
     export/model.jaxexport   jax.export of uint8 faces (b, S, S, 3) -> age, std, distribution
                              [, gender and race probabilities], batch size symbolic,
                              weights baked in, flip averaging inside
-    export/model.json        image size, label grid, preprocessing, heads, provenance
+    export/model.onnx        the same function as ONNX (`agejax.onnx_export`), checked against it on
+                             real faces before the export finishes (where jax2onnx is installed)
+    export/weights.msgpack   the network's variables (flax msgpack: no pickle), to make other
+                             formats later without retraining
+    export/model.json        image size, label grid, preprocessing, heads, provenance, the ONNX check,
+                             the calibration temperature
 
-`load(path)` needs only jax and numpy: no Flax, no config, no training code.
+`load(path, runtime)` needs only jax and numpy (and onnxruntime for runtime "onnx"): no Flax, no
+config, no training code. Runtime "auto" takes ONNX Runtime where it is installed and the folder has
+model.onnx (3x XLA:CPU's speed on a CPU, docs/PERFORMANCE.md), else jax.
 """
 
 from __future__ import annotations
@@ -20,12 +27,18 @@ FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each, on any host: the artifact runs where the user has it
 
 
+RUNTIMES = ("auto", "jax", "onnx")
+
+
 def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None,
-                 weights_dtype: str = "float32") -> str:
+                 weights_dtype: str = "float32", onnx: bool | None = None,
+                 check_faces: np.ndarray | None = None, check_source: str = "") -> str:
   """Write the artifact for a train state of `trainer` (a train_lib.Trainer) into out_dir.
 
   weights_dtype="bfloat16" stores the weights rounded to bfloat16 (half the file; the network
-  still computes in float32 on them).
+  still computes in float32 on them). `onnx` (default: where jax2onnx is installed) also writes
+  model.onnx, checked on `check_faces` (uint8 (N, S, S, 3) real face chips; `check_source` says
+  which) and recorded in model.json.
   """
   import jax
   import jax.numpy as jnp
@@ -64,6 +77,17 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
       "race_names": list(labels.RACE_NAMES), "gender_names": list(labels.GENDER_NAMES),
       "chip": {"size": 200, "padding": faces.CHIP_PADDING}, "weights_dtype": weights_dtype,
       "platforms": list(exp.platforms), **(provenance or {})}
+  from flax import serialization
+  with open(os.path.join(out_dir, "weights.msgpack"), "wb") as f:
+    f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, stored)))
+  meta["weights_file"] = "weights.msgpack"
+  from agejax import onnx_export
+  if onnx is None:
+    onnx = onnx_export.available(convert=True)
+  if onnx:
+    faces = check_faces if check_faces is not None else np.zeros((2, size, size, 3), np.uint8)
+    meta["onnx"] = {**onnx_export.write(predict, size, out_dir, faces),
+                    "checked_on": check_source or ("real faces" if check_faces is not None else "blank images")}
   with open(os.path.join(out_dir, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return out_dir
@@ -84,8 +108,10 @@ class ExportedModel:
   its input shape against image_size and its distribution's width against the label grid.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, runtime: str = "auto"):
     from jax import export as jax_export
+    if runtime not in RUNTIMES:
+      raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}.")
     meta_path = os.path.join(path, "model.json")
     blob_path = os.path.join(path, "model.jaxexport")
     if not (os.path.exists(meta_path) and os.path.exists(blob_path)):
@@ -118,6 +144,16 @@ class ExportedModel:
       width = shapes.get("probs", ("none",))[-1] if isinstance(shapes, dict) else "no"
       raise ExportError(f"{blob_path}: the network gives {width} age probabilities, but {meta_path}'s label "
                         f"grid has {len(self.grid)} ages.")
+    self.onnx = None
+    self.runtime = "jax"
+    onnx_path = os.path.join(path, "model.onnx")
+    from agejax import onnx_export
+    if runtime == "onnx" and not os.path.exists(onnx_path):
+      raise FileNotFoundError(f"{path}: no model.onnx; export the model again with jax2onnx installed "
+                              "(python -m agejax.export ...), or use --runtime jax.")
+    if runtime == "onnx" or (runtime == "auto" and os.path.exists(onnx_path) and onnx_export.available()):
+      self.onnx = onnx_export.OnnxRunner(onnx_path)
+      self.runtime = "onnx"
 
   @property
   def temperature(self) -> float:
@@ -131,13 +167,32 @@ class ExportedModel:
     images = np.asarray(images, np.uint8)
     if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"expected uint8 images (b, {self.image_size}, {self.image_size}, 3), got {images.shape}.")
-    parts = [self._exported.call(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    call = self.onnx.run if self.onnx is not None else self._exported.call
+    parts = [call(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
     if calibrated and self.temperature != 1.0:
       from agejax import calibration
       out["probs"] = calibration.apply_temperature(out["probs"], self.temperature)
       out["std"] = calibration.std(out["probs"], self.grid)
     return out
+
+
+CHECK_FACES = 64  # real faces the ONNX model is compared on
+
+
+def check_faces(config) -> tuple[np.ndarray | None, str]:
+  """Up to CHECK_FACES face chips of the config's first dataset's validation split at the model's
+  size (where that dataset is built here), with where they come from; (None, "") otherwise."""
+  from agejax.data import builders, mixture, pipeline
+  spec = mixture.sources(config.dataset)[0]
+  b = builders.get_builder(spec.name, spec.config or None, config.dataset.data_dir or None)
+  split = spec.eval_split or spec.test_split
+  if not b.is_prepared() or not split:
+    return None, ""
+  src = b.as_data_source(split)
+  n = min(CHECK_FACES, len(src))
+  return (np.stack([pipeline.decode_face(src[i]["image"], config.image_size) for i in range(n)]),
+          f"{n} faces of {spec.label} {split}")
 
 
 def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None) -> dict:
@@ -156,8 +211,8 @@ def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None) ->
   return fit
 
 
-def load(path: str) -> ExportedModel:
-  return ExportedModel(path)
+def load(path: str, runtime: str = "auto") -> ExportedModel:
+  return ExportedModel(path, runtime)
 
 
 def main(argv=None):
@@ -169,6 +224,7 @@ def main(argv=None):
   flags.DEFINE_string("checkpoint", "best", "best | last | a step number.")
   flags.DEFINE_string("out", None, "Output folder (default WORKDIR/export).")
   flags.DEFINE_enum("weights", "float32", ["float32", "bfloat16"], "Stored weight precision (bfloat16: half the size).")
+  flags.DEFINE_bool("onnx", None, "Also write model.onnx (default: where jax2onnx is installed).")
   flags.DEFINE_bool("calibrate", False, "Fit the 90% interval's temperature on the validation splits of the "
                     "datasets the model was trained on (agejax.calibration) and record it in model.json.")
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
@@ -180,8 +236,10 @@ def main(argv=None):
     cli.setup_jax(F.config)
     trainer = train_lib.Trainer(F.config, F.workdir, with_data=False)  # the dataset may not be here
     state = evaluate_lib.load_checkpoint(trainer, F.workdir, F.checkpoint)
+    faces, source = check_faces(F.config)
     out = export_state(trainer, state, F.out or os.path.join(F.workdir, "export"),
-                       {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))}, weights_dtype=F.weights)
+                       {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))}, weights_dtype=F.weights,
+                       onnx=F.onnx, check_faces=faces, check_source=source)
     result = {"exported": out}
     if F.calibrate:
       result["calibration"] = calibrate(out, [spec.label for spec in mixture.sources(F.config.dataset)],

@@ -110,15 +110,16 @@ def built_folder(root, n: int = 24, size: int = 40, with_split: bool = True):
   return b
 
 
-def smoke_exported(config, out_dir: str, steps: int = 3):
-  """Trains `config` for `steps` steps and exports the state to `out_dir`: (trainer, state, path)."""
+def smoke_exported(config, out_dir: str, steps: int = 3, onnx: bool = False, check_faces=None):
+  """Trains `config` for `steps` steps and exports the state to `out_dir` (with model.onnx where
+  `onnx`, checked on `check_faces`): (trainer, state, path)."""
   from agejax import export, train_lib
   trainer = train_lib.Trainer(config)
   state = trainer.init_state()
   it = trainer.train_iterator()
   for _ in range(steps):
     state, _ = trainer.train_step(state, trainer.global_batch(next(it)))
-  return trainer, state, export.export_state(trainer, state, out_dir)
+  return trainer, state, export.export_state(trainer, state, out_dir, onnx=onnx, check_faces=check_faces)
 
 
 # Where a 300x340 AAF photo's 49 landmarks lie in the fakes: eyes at y=150, 80 px apart, nose below.

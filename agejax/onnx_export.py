@@ -1,0 +1,108 @@
+"""The exported model as ONNX, and ONNX Runtime behind `agejax.export.ExportedModel`.
+
+`write(predict, image_size, out_dir, faces)` converts the same function as model.jaxexport (uint8
+faces in, normalisation, network, flip averaging, distribution, age, std and the other heads out;
+the batch dimension symbolic) with jax2onnx, the maintained JAX-to-ONNX converter that reads jaxprs
+directly (tf2onnx would need TensorFlow, and `jax.export`'s StableHLO has no ONNX importer). It
+then runs the ONNX model in ONNX Runtime on `faces` and compares every output with the JAX
+function's, refusing (and deleting model.onnx) where an age differs by more than AGE_TOLERANCE
+years. `OnnxRunner` runs a model.onnx with the threads the machine has.
+
+Needs `pip install 'agejax[onnx]'` (onnxruntime) to run, and jax2onnx to convert.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+AGE_TOLERANCE = 0.01  # years: the largest age difference the export accepts between ONNX and JAX
+OPSET = 21            # onnxruntime 1.16 (2023) and newer run it
+
+
+class OnnxUnavailable(ImportError):
+  """ONNX Runtime (or, to convert, jax2onnx) is not installed."""
+
+
+def available(convert: bool = False) -> bool:
+  import importlib.util
+  need = ["onnxruntime"] + (["jax2onnx", "onnx"] if convert else [])
+  return all(importlib.util.find_spec(m) is not None for m in need)
+
+
+def output_names(predict: Callable, image_size: int) -> list[str]:
+  import jax
+  import jax.numpy as jnp
+  shapes = jax.eval_shape(predict, jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8))
+  return sorted(shapes)
+
+
+def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -> dict:
+  """Write out_dir/model.onnx and check it against `predict` on `faces` (uint8, (N, S, S, 3));
+  returns what model.json records of it. ValueError (no file left) where they disagree."""
+  if not available(convert=True):
+    raise OnnxUnavailable("Writing model.onnx needs jax2onnx and onnxruntime: pip install 'agejax[onnx]' jax2onnx")
+  import jax
+  import jax.numpy as jnp
+  import logging
+
+  import jax2onnx
+  import onnx
+  logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # notes on untyped shape constants
+
+  names = output_names(predict, image_size)
+  fn = lambda images: tuple(predict(images)[k] for k in names)
+  proto = jax2onnx.to_onnx(fn, [_uint8_spec(image_size)], model_name="agejax", opset=OPSET,
+                           input_names=["images"], output_names=names)
+  path = os.path.join(out_dir, "model.onnx")
+  tmp = path + ".tmp"
+  onnx.save(proto, tmp)
+  want = {k: np.asarray(v) for k, v in jax.jit(predict)(jnp.asarray(faces)).items()}
+  got = OnnxRunner(tmp).run(faces)
+  diffs = {k: float(np.max(np.abs(got[k].astype(np.float64) - want[k]))) for k in names}
+  if not diffs.get("age", np.inf) <= AGE_TOLERANCE:
+    os.remove(tmp)
+    raise ValueError(f"the ONNX model's ages differ from the JAX function's by up to {diffs.get('age')} years "
+                     f"(more than {AGE_TOLERANCE}) on {len(faces)} faces; no model.onnx written.")
+  os.replace(tmp, path)
+  from importlib import metadata
+  return {"file": "model.onnx", "converter": f"jax2onnx {metadata.version('jax2onnx')}", "opset": OPSET, "inputs": {"images": ["B", image_size, image_size, 3], "dtype": "uint8"},
+          "outputs": names, "checked_faces": int(len(faces)),
+          "max_abs_difference": {k: round(v, 7) for k, v in diffs.items()}}
+
+
+def _uint8_spec(image_size: int):
+  """A ("B", S, S, 3) uint8 input for jax2onnx (a symbolic batch)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import export as jax_export
+  b, = jax_export.symbolic_shape("B")
+  return jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8)
+
+
+class OnnxRunner:
+  """An ONNX Runtime session of a model.onnx: `run(uint8 faces) -> {output: array}`."""
+
+  def __init__(self, path: str, threads: int | None = None):
+    try:
+      import onnxruntime as ort
+    except ImportError as e:
+      raise OnnxUnavailable("ONNX Runtime is not installed: pip install 'agejax[onnx]'") from e
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or _cores()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    self.input = self.session.get_inputs()[0].name
+    self.names = [o.name for o in self.session.get_outputs()]
+
+  def run(self, faces: np.ndarray) -> dict[str, np.ndarray]:
+    outs = self.session.run(None, {self.input: np.ascontiguousarray(faces, np.uint8)})
+    return dict(zip(self.names, outs))
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,172 @@
+"""The age of every face in photos.
+
+    agejax predict photo.jpg folder/                      # the bundled model (dlib's face ResNet, MTMSA's heads)
+    agejax predict --workdir runs/utk_tiny photos/ --json # a model you trained (after export)
+    agejax predict --aligned --csv chips/                 # images that already are face chips
+    agejax predict photos/ --annotate annotated/          # draw boxes and ages
+    agejax predict clip.mp4 --every 5 --annotate out/     # videos: one age per tracked person
+
+Per face: box, predicted age, the distribution's std and 90% interval, and
+gender / race with probabilities for multi-task models. Unreadable files are
+reported and skipped; in --csv mode every file gets a row with its status
+(ok, no face, error). Annotated copies never replace an input or an existing
+file (unless --overwrite).
+
+Videos (agejax[video]): faces every --every-th frame, tracked across frames, and each track's
+distributions averaged (agejax.video); one line per track, --json gives tracks and every
+sampled frame, --csv a table of its own after the photos' (one row per face per sampled
+frame, with its track's age), --annotate an MP4 with each track's age.
+
+Exit status: 0 every file answered, 1 some files failed, 2 nothing to do
+(no images found, or the model could not be loaded).
+"""
+
+import csv
+import json
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run with an export/ folder (python -m agejax.export ...).")
+flags.DEFINE_string("model", None, "An exported model folder (default: the bundled model, dlib's face ResNet with MTMSA's heads).")
+flags.DEFINE_enum("runtime", "auto", ["auto", "jax", "onnx"], "The network's runtime: onnx (ONNX Runtime, "
+                  "pip install 'agejax[onnx]'), jax (XLA), auto (onnx where installed and the model has model.onnx).")
+flags.DEFINE_bool("aligned", False, "Inputs are already face chips: skip detection.")
+flags.DEFINE_bool("json", False, "Print one JSON line per file.")
+flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
+flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
+                    "images keep their relative paths).")
+flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
+flags.DEFINE_enum("detector", "auto", ["hog", "cnn", "auto"], "Face detector: auto (hog on colour photos, cnn on "
+                  "gray or sepia ones and where hog finds no face), hog (fast; misses most old-print faces), cnn "
+                  "(finds the most; 20-80x slower than hog).")
+flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
+                     "each step about 4x slower).", lower_bound=0, upper_bound=3)
+flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core, at most 8, for 4 or "
+                     "more photos; 0: detect in this process).", lower_bound=0)
+flags.DEFINE_integer("every", 0, "Videos: look for faces in every Nth frame (0: about 5 frames a second).",
+                     lower_bound=0)
+
+
+def main(argv):
+  paths = argv[1:]
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  if not paths:
+    raise app.UsageError("Name at least one photo, video or folder.")
+  from agejax import export, predict_lib
+  model_dir = FLAGS.model or (os.path.join(FLAGS.workdir, "export") if FLAGS.workdir else predict_lib.DEFAULT_MODEL)
+  try:
+    model = export.load(model_dir, FLAGS.runtime)
+  except (FileNotFoundError, export.ExportError, ImportError) as e:
+    hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
+            if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
+    print(f"error: {e}{hint}", file=sys.stderr)
+    return 2
+  files = predict_lib.expand_paths(paths)
+  if not files:
+    print(f"error: no images or videos ({', '.join(predict_lib.IMAGE_EXTENSIONS + predict_lib.VIDEO_EXTENSIONS)}) "
+          f"in {', '.join(paths)}.", file=sys.stderr)
+    return 2
+  targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
+  from agejax import video
+  videos = [f for f in files if video.is_video(f)]
+  files = [f for f in files if not video.is_video(f)]
+  errors = 0
+  try:
+    if files:
+      errors += _photos(model, files, targets)
+    if videos:
+      errors += _videos(model, videos, targets)
+  except ImportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  total = len(files) + len(videos)
+  if errors:
+    print(f"{errors} of {total} files failed.", file=sys.stderr)
+  return 1 if errors else 0
+
+
+def _videos(model, paths, targets) -> int:
+  """Each video's tracks, as --json / --csv / text say; the number that failed."""
+  from agejax import faces, video
+  aligner = faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
+  writer = None
+  if FLAGS.csv:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(video.CSV_HEADER)
+  errors = 0
+  for path in paths:
+    try:
+      result = video.analyse(model, path, every=FLAGS.every, aligner=aligner, progress=True)
+      if FLAGS.annotate:
+        video.annotate(result, os.path.splitext(targets[path])[0] + ".mp4", overwrite=FLAGS.overwrite)
+    except (video.VideoError, FileExistsError, OSError) as e:
+      errors += 1
+      print(f"error: {e}", file=sys.stderr)
+      if FLAGS.json:
+        print(json.dumps({"file": path, "error": str(e)}))
+      continue
+    if FLAGS.json:
+      print(json.dumps(result))
+    elif writer:
+      writer.writerows(video.csv_rows(result))
+    else:
+      if not result["tracks"]:
+        print(f"{path}: no face found in {len(result['frame_faces'])} sampled frames")
+      for t in result["tracks"]:
+        print(f"{path} {video.describe_track(t)}")
+  return errors
+
+
+def _photos(model, files, targets) -> int:
+  """Each photo's faces, as --json / --csv / text say; the number of files that failed."""
+  from tqdm import tqdm
+
+  from agejax import predict_lib
+  from agejax import faces
+  aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
+  workers = FLAGS.workers
+  if workers is None:
+    workers = min(8, os.cpu_count() or 1) if len(files) >= 4 else 0  # measured: docs/PERFORMANCE.md
+  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, aligner=aligner, workers=workers,
+                                      keep_photo=bool(FLAGS.annotate))
+  writer = None
+  if FLAGS.csv:
+    writer = csv.writer(sys.stdout)
+    writer.writerow(predict_lib.CSV_HEADER)
+  errors = 0
+  for rec in tqdm(records, total=len(files), unit="file", disable=len(files) < 2, file=sys.stderr):
+    rgb = rec.pop("_rgb", None)
+    if "error" not in rec and FLAGS.annotate:
+      try:
+        predict_lib.annotate(rgb, rec["faces"], targets[rec["file"]], overwrite=FLAGS.overwrite)
+      except (FileExistsError, OSError) as e:
+        rec["error"] = str(e)
+    if "error" in rec:
+      errors += 1
+      print(f"error: {rec['error']}", file=sys.stderr)
+    if FLAGS.json:
+      print(json.dumps(rec))
+    elif writer:
+      writer.writerows(predict_lib.csv_rows(rec))
+    elif "error" not in rec:
+      if not rec["faces"]:
+        print(f"{rec['file']}: no face found")
+      for i, f in enumerate(rec["faces"]):
+        print(f"{rec['file']} face {i} box {tuple(f['box'])}: {predict_lib.describe_face(f)}")
+  return errors
+
+
+def run():
+  """The command line: `agejax predict`, `agejax predict` and `python -m agejax.tools.predict`."""
+  from agejax import cli
+  cli.start_process()  # XLA flags and huge pages, before JAX loads
+  cli.config_path_importable()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

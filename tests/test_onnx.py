@@ -1,0 +1,94 @@
+"""ONNX export and ONNX Runtime: the same function as model.jaxexport, checked when written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import fakes
+
+pytest.importorskip("onnxruntime", reason="pip install 'agejax[onnx]'")
+pytest.importorskip("jax2onnx", reason="pip install 'agejax[onnx_export]'")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  from configs import default
+  d = tmp_path_factory.mktemp("onnx")
+  fakes.built_folder(d, n=24, size=48)
+  c = default.get_config("smoke,multitask")
+  c.dataset.name, c.dataset.data_dir = "folder", str(d / "data")
+  faces = np.stack([np.asarray(__import__("PIL.Image").Image.open(__import__("io").BytesIO(
+      fakes.jpeg_bytes(i, size=32))).convert("RGB")) for i in range(6)])
+  return fakes.smoke_exported(c, str(d / "export"), onnx=True, check_faces=faces) + (faces,)
+
+
+def test_onnx_model_gives_the_jax_models_answers(exported):
+  from agejax import export
+  _, _, path, faces = exported
+  meta = json.load(open(os.path.join(path, "model.json")))
+  o = meta["onnx"]
+  assert o["file"] == "model.onnx" and o["checked_faces"] == 6 and o["max_abs_difference"]["age"] <= 0.01
+  assert o["inputs"]["dtype"] == "uint8" and set(o["outputs"]) == {"age", "std", "probs", "gender_probs", "race_probs"}
+  jax_model = export.load(path, runtime="jax")
+  onnx_model = export.load(path, runtime="onnx")
+  assert (jax_model.runtime, onnx_model.runtime, export.load(path).runtime) == ("jax", "onnx", "onnx")
+  rng = np.random.RandomState(0)
+  for n in (1, 7):  # the batch is dynamic
+    x = rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+    a, b = jax_model.predict(x), onnx_model.predict(x)
+    assert set(a) == set(b)
+    np.testing.assert_allclose(b["age"], a["age"], atol=0.01)
+    np.testing.assert_allclose(b["probs"], a["probs"], atol=1e-4)
+    np.testing.assert_allclose(b["gender_probs"], a["gender_probs"], atol=1e-4)
+
+
+def test_weights_file_rebuilds_the_network(exported):
+  """weights.msgpack (no pickle) holds the variables: the network built from it answers as the export."""
+  import jax
+  from flax import serialization
+  from agejax import export, objectives, preprocessing, train_lib
+  trainer, state, path, faces = exported
+  with open(os.path.join(path, "weights.msgpack"), "rb") as f:
+    variables = serialization.msgpack_restore(f.read())
+  want = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+  for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(k))
+  model = train_lib.make_model(trainer.config, ops="plain")
+  out = objectives.predict_images(trainer.objective, lambda x: model.apply(variables, x, train=False),
+                                  preprocessing.normalize(faces), trainer.grid, flip=True)
+  np.testing.assert_allclose(np.asarray(out["age"]), export.load(path, "jax").predict(faces)["age"], atol=1e-4)
+
+
+def test_an_onnx_model_that_disagrees_is_not_written(exported, tmp_path, monkeypatch):
+  import jax.numpy as jnp
+  from agejax import onnx_export
+  calls = {"n": 0}
+
+  def predict(images):  # jax's answer and ONNX's differ: the check compares the runner to a shifted one
+    x = images.astype(jnp.float32).mean(axis=(1, 2, 3))
+    return {"age": x, "std": x}
+  real_run = onnx_export.OnnxRunner.run
+  monkeypatch.setattr(onnx_export.OnnxRunner, "run", lambda self, f: {k: v + 1.0 for k, v in real_run(self, f).items()})
+  with pytest.raises(ValueError, match="differ from the JAX function's by up to 1.0"):
+    onnx_export.write(predict, 8, str(tmp_path), np.zeros((2, 8, 8, 3), np.uint8))
+  assert not os.listdir(tmp_path)
+
+
+def test_predict_takes_a_runtime(exported, tmp_path):
+  _, _, path, faces = exported
+  from PIL import Image
+  Image.fromarray(faces[0]).save(tmp_path / "chip.png")
+  outs = {}
+  for rt in ("jax", "onnx"):
+    p = subprocess.run([sys.executable, "predict.py", "--model", path, "--aligned", "--json", "--runtime", rt,
+                        str(tmp_path / "chip.png")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr[-2000:]
+    outs[rt] = json.loads(p.stdout.strip().splitlines()[-1])["faces"][0]["age"]
+  assert abs(outs["jax"] - outs["onnx"]) <= 0.01
