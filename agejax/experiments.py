@@ -17,7 +17,7 @@ about 45 min a run), horizontal flips as the only augmentation (the `dldl_v2_ful
 entry has DLDL-v2's), flip-averaged test predictions. Rows: the loss
 family on the duplicate-safe split; multi-task (age + gender + race) with and
 without MSA against age alone on the same TinyAgeNet trunk; the same three on a
-ResNet-18 trunk (longer than an hour a run here); the hour's budget spent on
+ResNet-18 trunk (longer than an hour a run on 2 cores); the hour's budget spent on
 80 px (`dldl_v2_80px`) or on 24 epochs (`dldl_v2_hour`, `dldl_v2_tuned_hour`, `multitask_tiny_hour`,
 `multitask_tiny_tuned_hour`: test MAE 4.80; age alone 4.89 ± 0.04 over three seeds, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split;
 TinyAgeNet learning the bundled face model's distributions (`distill`; the teacher file is made first).
@@ -28,7 +28,7 @@ scored on both test splits, and results.md gets the trained-on x tested-on table
 
 --jobs N splits this process's cores into N groups and trains N runs at once,
 each pinned to its group, with its output in <run>/log.txt: for hosts with more
-cores than one small run uses well. On the 2-core CPU here it gains nothing (two
+cores than one small run uses well. On a 2-core CPU it gains nothing (two
 1-core TinyAgeNet runs trained 66 + 62 images/s against 128 for one run on both
 cores; docs/RESULTS.md); it only runs two entries unattended side by side.
 """

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU table (bf16, batch 32 and 256, PyTorch with channels_last + autocast + torch.compile,
-# and the 32-image forward at 224 px against DLDL-v2's M40 figures), in one command on a machine whose
-# python3 has jax (CUDA), flax, optax and torch. The lent GPU machine's image has all four, but not
-# ../shared, so copy the reference into an ignored folder here and carry it:
-#   mkdir -p .bench_ref && cp ../shared/bench/torch_reference.py .bench_ref/   (.bench_ref/ is gitignored)
-#   device run, carry [".bench_ref"]:  bash bench/gpu_table.sh
-#   bash bench/gpu_table.sh --only thin:224:train:256,resnet34:112:train:256   # a subset (10-min calls)
+# The GPU table: agejax against PyTorch on one GPU (bf16, batch 32 and 256; PyTorch with
+# channels_last + autocast + torch.compile), and the 32-image forward at 224 px beside DLDL-v2's
+# published M40 figures. Needs a python3 with jax (CUDA), flax, optax and torch, and the PyTorch
+# side's reference script (bench/compare_torch.py runs it): put it at ../shared/bench/ or
+# .bench_ref/torch_reference.py (.bench_ref/ is git-ignored).
+#   bash bench/gpu_table.sh
+#   bash bench/gpu_table.sh --only thin:224:train:256,resnet34:112:train:256   # a subset
 # Prints the JSON lines and the markdown table; with $OUT set also writes $OUT/gpu_table.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -78,12 +78,20 @@ def _readme_commands():
         tokens = tokens[1:]  # VAR=value prefixes
       if tokens[:1] in (["python"], ["python3"]):
         commands.append(tokens[1:])
+      elif tokens[:1] == ["agejax"] and len(tokens) > 1:  # the console script: its subcommand's module
+        from agejax.__main__ import COMMANDS
+        assert tokens[1] in COMMANDS, f"README runs agejax {tokens[1]}, which is not a subcommand"
+        commands.append(["-m", COMMANDS[tokens[1]], *tokens[2:]])
   return commands
 
 
 def _defined_flags(source_path):
   import re
   src = open(source_path).read()
+  wrapped = re.search(r"from (agejax\.tools\.\w+) import run", src)
+  if wrapped:  # train.py, evaluate.py, predict.py: thin wrappers of agejax.tools
+    import importlib.util
+    src = open(importlib.util.find_spec(wrapped.group(1)).origin).read()
   names = set(re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", src)) | set(re.findall(r"add_argument\(\s*\"--(\w+)\"", src))
   return names | {"help", "helpfull"}
 
