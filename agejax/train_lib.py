@@ -446,8 +446,12 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
       last_mgr.close()
       best_mgr.close()
       writer.close()
+  final = os.path.join(workdir, "final_validation.json")
+  if step >= trainer.num_steps and not summary and os.path.exists(final):
+    with open(final) as f:  # a finished run run again: its result stands, nothing is rewritten
+      return json.load(f)
   if is_main:
-    with open(os.path.join(workdir, "final_validation.json"), "w") as f:
+    with open(final, "w") as f:
       json.dump(summaries.jsonable(summary), f, indent=2)
   return summary
 

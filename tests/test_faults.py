@@ -47,6 +47,9 @@ def _tree(folder):
 def test_a_changed_config_is_refused_before_anything_is_written(tmp_path, data_dir):
   wd = tmp_path / "run"
   run(smoke(wd, data_dir))
+  final = (wd / "final_validation.json").read_text()
+  again = run(smoke(wd, data_dir))  # a finished run run again: its result stands
+  assert (wd / "final_validation.json").read_text() == final and "final validation MAE" in again.stdout
   before = _tree(wd)
   config = (wd / "config.json").read_text()
   metrics = (wd / "metrics.jsonl").read_text()
