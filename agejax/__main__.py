@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"agejax: unknown subcommand {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
     return 2
-  sys.argv = [f"agejax {name}", *rest]
-  runpy.run_module(COMMANDS[name], run_name="__main__", alter_sys=True)
+  sys.argv = [f"agejax {name}", *rest]  # what --help and errors call the program
+  runpy.run_module(COMMANDS[name], run_name="__main__")
   return 0
 
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 try:
@@ -220,7 +221,11 @@ def main(argv=None):
   a = ap.parse_args(argv)
   if a.mode == "predict":
     runtimes = ["jax", "onnx"] if a.runtime == "both" else [a.runtime]
-    rows = [predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector, r) for r in runtimes]
+    try:
+      rows = [predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector, r) for r in runtimes]
+    except (FileNotFoundError, ImportError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
     for r in rows:
       print(json.dumps(r))
     if len(rows) == 2:

@@ -77,9 +77,16 @@ def tree_mismatch(manager: ocp.CheckpointManager, step: int, template) -> str | 
   # orbax's metadata names dataclass fields like dict keys: compare on the path's words, over what the
   # model defines (its parameters and batch statistics)
   def norm(d):
-    out = {k.replace(".", "/").replace("['", "/").replace("']", "").strip("/"): v for k, v in d.items()}
-    return {k: v for k, v in out.items() if k.split("/")[0] in ("params", "batch_stats")}
-  saved, want = norm(saved), norm(want)
+    return {k.replace(".", "/").replace("['", "/").replace("']", "").strip("/"): v for k, v in d.items()}
+  saved_all, want_all = norm(saved), norm(want)
+  model_part = lambda d: {k: v for k, v in d.items() if k.split("/")[0] in ("params", "batch_stats")}
+  saved, want = model_part(saved_all), model_part(want_all)
+  # the optimizer's state: its paths are named differently in metadata (namedtuples), so compare the
+  # shapes it holds (another optimizer or schedule wrapper holds others)
+  opt_shapes = lambda d: sorted(v for k, v in d.items() if k.startswith("opt_state"))
+  if not (set(want) - set(saved) or set(saved) - set(want)) and opt_shapes(saved_all) != opt_shapes(want_all):
+    return (f"the optimizer state differs ({len(opt_shapes(saved_all))} arrays saved, "
+            f"{len(opt_shapes(want_all))} in this config's optimizer)")
   missing = sorted(set(want) - set(saved))
   extra = sorted(set(saved) - set(want))
   shapes = sorted(k for k in set(want) & set(saved) if saved[k] != want[k])

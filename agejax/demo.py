@@ -187,7 +187,6 @@ def build_app(estimator: Estimator, work_dir: str):
       summary += "\n\n" + "\n".join(f"- ⚠ {m}" for m in ans.messages)
     return (summary, ans.images, ans.table, ans.plot, [json_path, csv_path])
 
-  start_janitor(work_dir)  # results: deleted RESULTS_KEPT_S after they were written
   with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(60, RESULTS_KEPT_S)) as page:
     gr.Markdown(f"# {TITLE}\nChoose or drop photos; every face gets an age, a 90% interval"
                 + (", gender and race" if estimator.model.meta.get("gender") else "")
@@ -289,6 +288,7 @@ def main(argv=None):
     def stop(*_):
       raise KeyboardInterrupt  # Gradio closes its server on it; then the work folder goes
     signal.signal(signal.SIGTERM, stop)
+    janitor = start_janitor(work_dir)  # results: deleted RESULTS_KEPT_S after they were written
     try:
       page = build_app(Estimator(model), work_dir)
       print(f"agejax demo: {model_dir} on http://127.0.0.1:{F.port} (Ctrl-C stops)", flush=True)
@@ -296,6 +296,7 @@ def main(argv=None):
                                      inbrowser=F.open_browser, max_file_size=f"{F.max_file_mb}mb",
                                      footer_links=[], quiet=True, ssr_mode=False)
     finally:
+      janitor.set()
       shutil.rmtree(work_dir, ignore_errors=True)
     return 0
 

@@ -155,13 +155,14 @@ def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "
   """
   import jax
 
+  config = config.copy_and_resolve_references()  # the caller's config stays as it was
   with config.unlocked():
     if flip_tta is not None:
       config.flip_tta = flip_tta
     if dataset:
       mixture.parse(f"{dataset}:1")  # a clear error for an unknown name
       config.dataset.mixture = f"{dataset}:1"
-  trainer = train_lib.Trainer(config, workdir)
+  trainer = train_lib.Trainer(config, workdir, training=False)
   state = load_checkpoint(trainer, workdir, checkpoint)
   out_dir = os.path.join(workdir, "eval")
   named = trainer.is_mixture
@@ -182,6 +183,7 @@ def evaluate(config, workdir: str, split: str | None = None, checkpoint: str = "
     return next(iter(per_dataset.values()))
   pooled = summarize({key: np.concatenate([p[key] for p in preds_all]) for key in preds_all[0]}, trainer.grid)
   pooled.update({"split": split or "test", "checkpoint": checkpoint, "step": int(jax.device_get(state.step)),
+                 "flip_tta": bool(config.flip_tta), "model": config.model.name, "loss": config.loss.name,
                  "dataset": "+".join(per_dataset), "per_dataset": per_dataset})
   if jax.process_index() == 0:
     name = (split or "test").replace("+", "_")

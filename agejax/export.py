@@ -242,6 +242,9 @@ def main(argv=None):
                        onnx=F.onnx, check_faces=faces, check_source=source)
     result = {"exported": out}
     if F.calibrate:
+      if not F.config.dataset.eval_split:
+        raise app.UsageError("--calibrate fits on the validation splits, which this config (full_train) trains on; "
+                             "calibrate a model trained with a held-out validation split.")
       result["calibration"] = calibrate(out, [spec.label for spec in mixture.sources(F.config.dataset)],
                                         F.config.dataset.data_dir or None)
     print(json.dumps(result))

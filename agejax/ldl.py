@@ -218,9 +218,10 @@ def quantile(probs, grid, q) -> jax.Array:
 
 
 def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Array]:
-  """The equal-tailed set of grid labels holding at least `mass`: labels l_a..l_b with a the first
-  index whose cumulative mass exceeds (1 - mass) / 2 and b the first whose cumulative mass reaches
-  (1 + mass) / 2. The mass below l_a and the mass above l_b are each at most (1 - mass) / 2, and
+  """The equal-tailed interval of grid labels holding at least `mass` (each tail at most (1 - mass) / 2).
+
+  Labels l_a..l_b with a the first index whose cumulative mass exceeds (1 - mass) / 2 and b the
+  first whose cumulative mass reaches (1 + mass) / 2. The mass below l_a and the mass above l_b are each at most (1 - mass) / 2, and
   dropping l_a or l_b would break that; both bounds belong to the set (an age y is inside when
   l_a <= y <= l_b).
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 AGE_TOLERANCE = 0.01  # years: the largest age difference the export accepts between ONNX and JAX
-OPSET = 21            # onnxruntime 1.16 (2023) and newer run it
+OPSET = 21            # onnxruntime 1.18 (2024) and newer run it (the extras ask for it)
 
 
 class OnnxUnavailable(ImportError):
@@ -43,7 +43,7 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
   """Write out_dir/model.onnx and check it against `predict` on `faces` (uint8, (N, S, S, 3));
   returns what model.json records of it. ValueError (no file left) where they disagree."""
   if not available(convert=True):
-    raise OnnxUnavailable("Writing model.onnx needs jax2onnx and onnxruntime: pip install 'agejax[onnx]' jax2onnx")
+    raise OnnxUnavailable("Writing model.onnx needs jax2onnx, onnx and onnxruntime: pip install 'agejax[onnx_export]'")
   import jax
   import jax.numpy as jnp
   import logging
@@ -58,15 +58,18 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
                            input_names=["images"], output_names=names)
   path = os.path.join(out_dir, "model.onnx")
   tmp = path + ".tmp"
-  onnx.save(proto, tmp)
-  want = {k: np.asarray(v) for k, v in jax.jit(predict)(jnp.asarray(faces)).items()}
-  got = OnnxRunner(tmp).run(faces)
-  diffs = {k: float(np.max(np.abs(got[k].astype(np.float64) - want[k]))) for k in names}
-  if not diffs.get("age", np.inf) <= AGE_TOLERANCE:
-    os.remove(tmp)
-    raise ValueError(f"the ONNX model's ages differ from the JAX function's by up to {diffs.get('age')} years "
-                     f"(more than {AGE_TOLERANCE}) on {len(faces)} faces; no model.onnx written.")
-  os.replace(tmp, path)
+  try:
+    onnx.save(proto, tmp)
+    want = {k: np.asarray(v) for k, v in jax.jit(predict)(jnp.asarray(faces)).items()}
+    got = OnnxRunner(tmp).run(faces)
+    diffs = {k: float(np.max(np.abs(got[k].astype(np.float64) - want[k]))) for k in names}
+    if not diffs.get("age", np.inf) <= AGE_TOLERANCE:
+      raise ValueError(f"the ONNX model's ages differ from the JAX function's by up to {diffs.get('age')} years "
+                       f"(more than {AGE_TOLERANCE}) on {len(faces)} faces; no model.onnx written.")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   from importlib import metadata
   return {"file": "model.onnx", "converter": f"jax2onnx {metadata.version('jax2onnx')}", "opset": OPSET, "inputs": {"images": ["B", image_size, image_size, 3], "dtype": "uint8"},
           "outputs": names, "checked_faces": int(len(faces)),

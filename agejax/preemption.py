@@ -4,8 +4,8 @@ One process: Python handlers note the signal; the loop stops before its next ste
 Several processes (jax.distributed): jax's preemption sync point, which the coordination service
 answers the same on every process, so all stop at one step. It watches SIGTERM; Ctrl-C (SIGINT)
 is turned into a SIGTERM to this process so it takes the same route. Where the preemption service
-is not running, the processes instead share their local flags with a small all-gather every
-`MULTIHOST_POLL_STEPS` steps (said once at start); a signal is never ignored.
+is not running, the processes instead share their local flags with a small all-gather every step
+(said once at start); a signal is never ignored.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import threading
 import jax
 import numpy as np
 
-MULTIHOST_POLL_STEPS = 1
 
 
 class StopSignals:
@@ -31,21 +30,20 @@ class StopSignals:
     self.log = log or (lambda text: None)
 
   def install(self) -> "StopSignals":
+    """Choose how to stop and install the handlers (Python allows them on the main thread only: off
+    it, a single process cannot be stopped by a signal, while several still reach jax's sync point)."""
+    if self.multihost:
+      self.mode = "sync_point" if _preemption_service_running() else "allgather"
+      if self.mode == "allgather":
+        self.log("jax's preemption service is not running: the processes exchange their stop flags every step "
+                 "instead.")
     if threading.current_thread() is not threading.main_thread():
       return self
-    if not self.multihost:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self.previous[sig] = signal.signal(sig, self._note)
-      return self
-    if _preemption_service_running():
-      self.mode = "sync_point"
+    if self.mode == "sync_point":
       self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_to_sigterm)
     else:
-      self.mode = "allgather"
       for sig in (signal.SIGTERM, signal.SIGINT):
         self.previous[sig] = signal.signal(sig, self._note)
-      self.log("jax's preemption service is not running: the processes exchange their stop flags every "
-               f"{MULTIHOST_POLL_STEPS} step(s) instead.")
     return self
 
   def _note(self, signum, frame):
@@ -63,8 +61,6 @@ class StopSignals:
         self.signum = signal.SIGTERM
       return reached
     if self.mode == "allgather":
-      if step % MULTIHOST_POLL_STEPS:
-        return False
       from jax.experimental import multihost_utils
       flags = np.asarray(multihost_utils.process_allgather(np.int32(self.signum)))
       if flags.max() and not self.signum:

@@ -26,19 +26,20 @@ CLEAN = "clean"
 
 
 def split_images(source, size: int, limit: int | None = None):
-  """(uint8 faces (N, size, size, 3), ages (N,), label_conflict (N,)) of the first `limit` records
-  (all when None), decoded as the training pipeline decodes them."""
+  """(uint8 faces (N, size, size, 3), ages (N,)) of the first `limit` records (all when None),
+  decoded as the training pipeline decodes them."""
   from agejax.data import pipeline
   n = len(source) if not limit else min(limit, len(source))
   rows = [source[i] for i in range(n)]
   faces = np.stack([pipeline.decode_face(r["image"], size) for r in rows])
-  return faces, np.asarray([r["age"] for r in rows], np.float32), np.asarray([r["label_conflict"] for r in rows])
+  return faces, np.asarray([r["age"] for r in rows], np.float32)
 
 
 def predict_raw(model, faces: np.ndarray, degradation: str = CLEAN, seed: int = 0, batch_size: int = 64,
                 bar=None) -> dict[str, np.ndarray]:
-  """The model's uncalibrated outputs for `faces`, degraded first unless CLEAN (one key per face,
-  folded from `seed` and the face's position, so the damage does not depend on the batch size)."""
+  """The model's uncalibrated outputs for `faces`, degraded first unless CLEAN (`degrade.apply`
+  with the face's position as its id: the damage depends on the seed, the degradation and the
+  face alone, not on the batch size or the other degradations)."""
   import jax
 
   from agejax.data import degrade
@@ -46,8 +47,7 @@ def predict_raw(model, faces: np.ndarray, degradation: str = CLEAN, seed: int = 
   for i in range(0, len(faces), batch_size):
     x = faces[i:i + batch_size]
     if degradation != CLEAN:
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      x = np.asarray(degrade.apply(degradation, key, x))
+      x = np.asarray(degrade.apply(degradation, jax.random.PRNGKey(seed), x, ids=np.arange(i, i + len(x))))
     outs.append(model.predict(x, batch_size=batch_size, calibrated=False))
     if bar is not None:
       bar.update(1, images=len(x))
@@ -84,7 +84,7 @@ def fit_on_validation(model, names: list[str], data_dir: str | None = None, limi
   probs, ages, used = [], [], []
   for name in names:
     source, split = open_split(name, "validation", data_dir)
-    faces, a, _ = split_images(source, model.image_size, limit)
+    faces, a = split_images(source, model.image_size, limit)
     bar = Progress(-(-len(faces) // 64), f"calibrate {name}", unit="batch", enabled=progress)
     out = predict_raw(model, faces, bar=bar)
     bar.close()
@@ -103,10 +103,10 @@ def run(model, datasets: list[str], degradations: list[str], temperature: float 
   cells = []
   for name in datasets:
     source, split = open_split(name, "test", data_dir)
-    faces, ages, _ = split_images(source, model.image_size, limit)
+    faces, ages = split_images(source, model.image_size, limit)
     bar = Progress(len(degradations) * -(-len(faces) // 64), f"robustness {name}", unit="batch", enabled=progress)
-    for k, d in enumerate(degradations):
-      out = predict_raw(model, faces, d, seed=k, bar=bar)
+    for d in degradations:
+      out = predict_raw(model, faces, d, bar=bar)
       cells.append({"dataset": name, "split": split, "degradation": d, **cell(out, ages, model.grid, temperature)})
     bar.close()
   return cells

@@ -57,8 +57,9 @@ class Preempted(Exception):
                      f"{os.path.join(workdir, 'checkpoints')}. Run the same command to resume.")
 
 
-def validate(config: ml_collections.ConfigDict):
-  """Fail before any computation on values the type-checked flags cannot catch."""
+def validate(config: ml_collections.ConfigDict, training: bool = True):
+  """Fail before any computation on values the type-checked flags cannot catch (`training`: also
+  what only training needs, e.g. a distill loss's one dataset)."""
   objectives.get(config.loss.name)
   if config.model.name not in models.MODEL_NAMES:
     raise ValueError(f"config.model.name: unknown model {config.model.name!r}; choose one of {models.MODEL_NAMES}.")
@@ -88,7 +89,7 @@ def validate(config: ml_collections.ConfigDict):
     raise ValueError(f"config.loss.teacher_weight={config.loss.teacher_weight} is not in [0, 1].")
   if config.dataset.get("mixture", ""):
     mixture.parse(config.dataset.mixture)
-    if config.loss.name == "distill":
+    if config.loss.name == "distill" and training:
       raise ValueError("config.dataset.mixture: the distill loss reads a teacher file of one dataset's training split; "
                        "train on one dataset to distil.")
   if config.model.ops not in models.ops.KINDS:
@@ -246,11 +247,12 @@ def eval_step(state: TrainState, batch, *, model, objective, grid, flip_tta: boo
 class Trainer:
   """Holds the compiled steps, shardings and data for one configuration."""
 
-  def __init__(self, config, workdir: str | None = None, with_data: bool = True):
+  def __init__(self, config, workdir: str | None = None, with_data: bool = True, training: bool = True):
     """with_data=False opens no dataset (nor builds one): enough to restore a checkpoint and run the
     model, e.g. to export it on a machine without the training data. The optimizer's state has the
-    same structure for any schedule, so steps_per_epoch is then a placeholder."""
-    validate(config)
+    same structure for any schedule, so steps_per_epoch is then a placeholder. training=False
+    (evaluation) reads no teacher file."""
+    validate(config, training)
     self.config = config
     self.workdir = workdir
     self.mesh = make_mesh()
@@ -271,7 +273,7 @@ class Trainer:
       # A mixture's epoch: as many examples as its training splits hold together.
       self.steps_per_epoch = max(1, sum(len(t) for t in self.train_sources) // config.batch_size)
       self.per_record = {}
-      if config.loss.name == "distill":
+      if config.loss.name == "distill" and training:
         self.per_record["teacher_probs"] = teacher.load(
             config.loss.teacher, np.asarray(self.grid), pipeline.label_array(self.train_source, "age"),
             f"{ds.name}/{ds.config or 'default'} {ds.train_split}",
@@ -389,9 +391,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   refused before anything is written (workdir.ConfigChangedError). The workdir is held by one
   training at a time (workdir_lib.lock).
   """
+  workdir_lib.check_resume_config(workdir, config)  # before a dataset is opened or built
   trainer = Trainer(config, workdir)
   is_main = jax.process_index() == 0
-  workdir_lib.check_resume_config(workdir, config)
   if is_main:
     workdir_lib.prepare(workdir)
   with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():

@@ -156,9 +156,11 @@ def check_resume_config(workdir: str, config) -> None:
     raise ConfigChangedError(f"{path} cannot be read ({e}); the run's config is unknown, so it is not resumed. "
                              "Pick another --workdir.") from None
   given = _flatten(json.loads(config.to_json_best_effort()))
-  diffs = [f"{k}={given.get(k)!r} (recorded {recorded.get(k)!r})" for k in sorted(set(recorded) | set(given))
+  # A field added since the run was recorded counts only where it is set (not at its off value); a
+  # field the config no longer has (removed since, e.g. loss.stage1_steps) is not a change.
+  diffs = [f"{k}={given.get(k)!r} (recorded {recorded.get(k)!r})" for k in sorted(given)
            if k not in RESUMABLE_FIELDS and given.get(k) != recorded.get(k)
-           and not (k not in recorded and given.get(k) in ("", 0, False, None, ()))]  # a field added since, left off
+           and not (k not in recorded and given.get(k) in ("", 0, False, None, ()))]
   if diffs:
     raise ConfigChangedError(f"{workdir} holds a run trained with another config: {', '.join(diffs)}. Rerun with "
                              f"the recorded config ({path}) to resume it, or pick another --workdir.")

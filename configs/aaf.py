@@ -17,7 +17,7 @@ from configs import default
 
 def get_config(arg=None):
   c = default.base_config()
-  c.dataset.name = "aaf"
+  default.set_dataset(c, "aaf")
   c.dataset.config = ""
   c.dataset.manual_dir = os.environ.get("AAF_DIR", "")
   c.label_grid.stop = 116.0

@@ -9,11 +9,9 @@ from configs import default
 
 def get_config(arg=None):
   c = default.base_config()
-  c.dataset.name = "adience"
+  default.set_dataset(c, "adience")
   c.dataset.config = "fold0"
   c.dataset.on_error = "skip"   # rows with no age label are part of the release
-  c.dataset.eval_split = "holdout"
-  c.dataset.test_split = "test"
   tokens = []
   for t in (arg or "").split(","):
     if t.startswith("fold"):

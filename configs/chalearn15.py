@@ -10,8 +10,5 @@ from configs import default
 
 def get_config(arg=None):
   c = default.base_config()
-  c.dataset.name = "chalearn15"
-  c.dataset.train_split = "train"
-  c.dataset.eval_split = "holdout"
-  c.dataset.test_split = "validation"
+  default.set_dataset(c, "chalearn15")
   return default.apply_variants(c, arg)

@@ -10,8 +10,5 @@ from configs import default
 
 def get_config(arg=None):
   c = default.base_config()
-  c.dataset.name = "chalearn16"
-  c.dataset.train_split = "train+validation"
-  c.dataset.eval_split = "holdout"
-  c.dataset.test_split = "test"
+  default.set_dataset(c, "chalearn16")
   return default.apply_variants(c, arg)

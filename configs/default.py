@@ -29,16 +29,23 @@ The order does not matter: `resnet18,cpu` trains a ResNet-18 on the cpu schedule
 e.g. `--config configs/chalearn16.py:tiny,cpu`.
 """
 
-import ml_collections
-
 import inspect
 
+import ml_collections
+
 from agejax import losses, models, objectives
+from agejax.data import degrade, mixture
 
 MODELS = models.MODEL_NAMES          # the registries' names: a new model or loss is a variant at once
 SCHEDULES = ("smoke", "cpu")
 DEGRADE_P = 0.1  # the `degrade` variant: each degradation's probability
 LOSSES = tuple(objectives.OBJECTIVES)
+
+
+def set_dataset(c: ml_collections.ConfigDict, name: str) -> None:
+  """The dataset and its protocol's train / select / report splits (`agejax.data.mixture.PROTOCOLS`)."""
+  c.dataset.name = name
+  c.dataset.train_split, c.dataset.eval_split, c.dataset.test_split = mixture.PROTOCOLS[name]
 
 
 def _default(fn, name: str):
@@ -49,8 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = ml_collections.ConfigDict(dict(
       name="utkface", config="", data_dir="", manual_dir="", on_error="raise",
-      train_split="train", eval_split="validation", test_split="test",
+      train_split="", eval_split="", test_split="",  # set_dataset: the dataset's protocol
       mixture=""))  # "utkface:0.75,aaf:0.25": train on several datasets (agejax.data.mixture)
+  set_dataset(c, "utkface")
   c.label_grid = ml_collections.ConfigDict(dict(start=0.0, stop=100.0, step=1.0))
   c.model = ml_collections.ConfigDict(dict(
       name="thin", dtype="float32", gender=False, race=False,
@@ -71,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment = ml_collections.ConfigDict(dict(
       flip=0.5, grayscale=0.5, rescale=True, rotate=15.0, color_jitter=0.4, translate=0.0,
       # how real photos look (agejax.data.degrade): each one's probability, 0 = off
-      sepia=0.0, blur=0.0, low_resolution=0.0, dark=0.0, jpeg=0.0, scan=0.0))
+      **{name: 0.0 for name in degrade.CONFIG_FIELDS}))
   c.image_size = 224
   c.batch_size = 128                 # global, over all devices of all hosts
   c.num_epochs = 60
@@ -163,7 +171,7 @@ def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
       c.augment.translate = 1 / 16
     elif token == "degrade":         # real photos' looks, each at DEGRADE_P (docs/RESULTS.md)
       c.augment.update(grayscale=max(c.augment.grayscale, DEGRADE_P),
-                       **{name: DEGRADE_P for name in ("sepia", "blur", "low_resolution", "dark", "jpeg", "scan")})
+                       **{name: DEGRADE_P for name in degrade.CONFIG_FIELDS})
     elif token == "bf16":
       c.model.dtype = "bfloat16"
     else:

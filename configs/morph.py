@@ -11,7 +11,5 @@ from configs import default
 
 def get_config(arg=None):
   c = default.base_config()
-  c.dataset.name = "morph"
-  c.dataset.eval_split = "holdout"
-  c.dataset.test_split = "test"
+  default.set_dataset(c, "morph")
   return default.apply_variants(c, arg)

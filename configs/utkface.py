@@ -15,7 +15,7 @@ from configs import default
 
 def get_config(arg=None):
   c = default.base_config()
-  c.dataset.name = "utkface"
+  default.set_dataset(c, "utkface")
   c.dataset.config = "default"
   c.dataset.manual_dir = os.environ.get("UTKFACE_DIR", "")
   c.label_grid.stop = 116.0

@@ -154,12 +154,16 @@ def degrade_image(key, img, cfg: Mapping):
   return img
 
 
-def apply(name: str, key, images) -> jax.Array:
-  """A batch of uint8 or float images (B, H, W, 3) degraded by `name` (one key per image from
-  `key`), as uint8: what a camera or scanner would have written."""
+def apply(name: str, key, images, ids=None) -> jax.Array:
+  """A batch of uint8 or float images (B, H, W, 3) degraded by `name`, as uint8: what a camera or
+  scanner would have written. Image i's key is fold_in(fold_in(key, the degradation's position in
+  DEGRADATIONS), ids[i]) (ids default 0..B-1), so an image's damage depends on its id alone, not
+  on the batch it is in or the other degradations asked for."""
   if name not in DEGRADATIONS:
     raise ValueError(f"unknown degradation {name!r}; choose from {sorted(DEGRADATIONS)}.")
   x = jnp.asarray(images).astype(jnp.float32)
-  keys = jax.random.split(key, x.shape[0])
+  ids = jnp.arange(x.shape[0]) if ids is None else jnp.asarray(ids)
+  base = jax.random.fold_in(key, list(DEGRADATIONS).index(name))
+  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
   out = jax.vmap(DEGRADATIONS[name])(keys, x)
   return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)

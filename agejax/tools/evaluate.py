@@ -45,7 +45,7 @@ def main(argv):
 
 
 def run():
-  """The command line: `agejax evaluate`, `agejax evaluate` and `python -m agejax.tools.evaluate`."""
+  """The command line: `agejax evaluate`, `python evaluate.py` and `python -m agejax.tools.evaluate`."""
   from agejax import cli
   cli.start_process()  # XLA flags and huge pages, before JAX loads
   cli.config_path_importable()

@@ -161,7 +161,7 @@ def _photos(model, files, targets) -> int:
 
 
 def run():
-  """The command line: `agejax predict`, `agejax predict` and `python -m agejax.tools.predict`."""
+  """The command line: `agejax predict`, `python predict.py` and `python -m agejax.tools.predict`."""
   from agejax import cli
   cli.start_process()  # XLA flags and huge pages, before JAX loads
   cli.config_path_importable()

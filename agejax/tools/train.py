@@ -43,7 +43,7 @@ def main(argv):
 
 
 def run():
-  """The command line: `agejax train`, `agejax train` and `python -m agejax.tools.train`."""
+  """The command line: `agejax train`, `python train.py` and `python -m agejax.tools.train`."""
   from agejax import cli
   cli.start_process()  # XLA flags and huge pages, before JAX loads
   cli.config_path_importable()
