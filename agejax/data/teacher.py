@@ -82,7 +82,7 @@ def load(path: str, grid, ages, split: str = "the training split", filenames=Non
     if len(differ):
       i = differ[0]
       raise ValueError(f"{path}: the records' file names differ from {split}'s at {len(differ)} of {len(names)} "
-                       f"records (first: record {i}, {stored[i]!r} against {names[i]!r}): made for another "
+                       f"records (first: record {i}, {str(stored[i])!r} against {str(names[i])!r}): made for another "
                        "split or order.")
   sums = probs.sum(-1)
   if not (np.all(np.isfinite(probs)) and np.all(probs >= 0) and np.allclose(sums, 1.0, atol=1e-3)):
