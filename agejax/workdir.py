@@ -119,8 +119,10 @@ def check_config(workdir: str, config) -> None:
                      + f". Use the config it was trained with (recorded in {path}).")
 
 
-# Fields a resumed run may change: where data and logs go, how often it reports, how it reads.
-RESUMABLE_FIELDS = ("log_every_steps", "eval_every_epochs", "eval_limit", "checkpoint_every_steps",
+# Fields a resumed run may change: where data and logs go, how often it reports, how it reads, and
+# how long it trains (training longer continues the run; a cosine schedule then follows the new length).
+RESUMABLE_FIELDS = ("num_train_steps", "num_epochs", "log_every_steps", "eval_every_epochs", "eval_limit",
+                    "checkpoint_every_steps",
                     "keep_checkpoints", "workers", "dataset.data_dir", "dataset.manual_dir", "dataset.on_error",
                     "distributed", "model.ops", "debug_nan_step")
 
