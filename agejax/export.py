@@ -31,13 +31,13 @@ RUNTIMES = ("auto", "jax", "onnx")
 
 
 def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None,
-                 weights_dtype: str = "float32", onnx: bool | None = None,
+                 weights_dtype: str = "float32", onnx: bool = False,
                  check_faces: np.ndarray | None = None, check_source: str = "") -> str:
   """Write the artifact for a train state of `trainer` (a train_lib.Trainer) into out_dir.
 
   weights_dtype="bfloat16" stores the weights rounded to bfloat16 (half the file; the network
-  still computes in float32 on them). `onnx` (default: where jax2onnx is installed) also writes
-  model.onnx, checked on `check_faces` (uint8 (N, S, S, 3) real face chips; `check_source` says
+  still computes in float32 on them). `onnx` also writes model.onnx (`python -m agejax.export`
+  asks for it where jax2onnx is installed), checked on `check_faces` (uint8 (N, S, S, 3) real face chips; `check_source` says
   which) and recorded in model.json.
   """
   import jax
@@ -82,8 +82,6 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
     f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, stored)))
   meta["weights_file"] = "weights.msgpack"
   from agejax import onnx_export
-  if onnx is None:
-    onnx = onnx_export.available(convert=True)
   if onnx:
     faces = check_faces if check_faces is not None else np.zeros((2, size, size, 3), np.uint8)
     meta["onnx"] = {**onnx_export.write(predict, size, out_dir, faces),
@@ -230,7 +228,7 @@ def main(argv=None):
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):
-    from agejax import cli, evaluate_lib, train_lib
+    from agejax import cli, evaluate_lib, onnx_export, train_lib
     from agejax.data import mixture
     F = flags.FLAGS
     cli.setup_jax(F.config)
@@ -239,7 +237,8 @@ def main(argv=None):
     faces, source = check_faces(F.config)
     out = export_state(trainer, state, F.out or os.path.join(F.workdir, "export"),
                        {"checkpoint": F.checkpoint, "step": int(np.asarray(state.step))}, weights_dtype=F.weights,
-                       onnx=F.onnx, check_faces=faces, check_source=source)
+                       onnx=onnx_export.available(convert=True) if F.onnx is None else F.onnx,
+                       check_faces=faces, check_source=source)
     result = {"exported": out}
     if F.calibrate:
       if not F.config.dataset.eval_split:

@@ -35,6 +35,19 @@ def split_images(source, size: int, limit: int | None = None):
   return faces, np.asarray([r["age"] for r in rows], np.float32)
 
 
+def _apply_jit(name, key, images, ids):
+  import jax
+
+  from agejax.data import degrade
+  global _JITTED
+  if _JITTED is None:
+    _JITTED = jax.jit(degrade.apply, static_argnums=0)
+  return _JITTED(name, key, images, ids)
+
+
+_JITTED = None
+
+
 def predict_raw(model, faces: np.ndarray, degradation: str = CLEAN, seed: int = 0, batch_size: int = 64,
                 bar=None) -> dict[str, np.ndarray]:
   """The model's uncalibrated outputs for `faces`, degraded first unless CLEAN (`degrade.apply`
@@ -47,7 +60,7 @@ def predict_raw(model, faces: np.ndarray, degradation: str = CLEAN, seed: int = 
   for i in range(0, len(faces), batch_size):
     x = faces[i:i + batch_size]
     if degradation != CLEAN:
-      x = np.asarray(degrade.apply(degradation, jax.random.PRNGKey(seed), x, ids=np.arange(i, i + len(x))))
+      x = np.asarray(_apply_jit(degradation, jax.random.PRNGKey(seed), x, np.arange(i, i + len(x))))
     outs.append(model.predict(x, batch_size=batch_size, calibrated=False))
     if bar is not None:
       bar.update(1, images=len(x))
