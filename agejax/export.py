@@ -196,8 +196,8 @@ def check_faces(config) -> tuple[np.ndarray | None, str]:
 def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None) -> dict:
   """Fit the exported model's temperature on `datasets`' validation splits and record it (with what
   it was fitted on and the coverage before and after) as model.json's "calibration"."""
-  from agejax import robustness
-  fit = robustness.fit_on_validation(load(out_dir), datasets, data_dir)
+  from agejax import heldout
+  fit = heldout.fit_on_validation(load(out_dir), datasets, data_dir)
   path = os.path.join(out_dir, "model.json")
   with open(path) as f:
     meta = json.load(f)

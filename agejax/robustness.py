@@ -21,50 +21,7 @@ import sys
 import numpy as np
 
 from agejax import calibration
-
-CLEAN = "clean"
-
-
-def split_images(source, size: int, limit: int | None = None):
-  """(uint8 faces (N, size, size, 3), ages (N,)) of the first `limit` records (all when None),
-  decoded as the training pipeline decodes them."""
-  from agejax.data import pipeline
-  n = len(source) if not limit else min(limit, len(source))
-  rows = [source[i] for i in range(n)]
-  faces = np.stack([pipeline.decode_face(r["image"], size) for r in rows])
-  return faces, np.asarray([r["age"] for r in rows], np.float32)
-
-
-def _apply_jit(name, key, images, ids):
-  import jax
-
-  from agejax.data import degrade
-  global _JITTED
-  if _JITTED is None:
-    _JITTED = jax.jit(degrade.apply, static_argnums=0)
-  return _JITTED(name, key, images, ids)
-
-
-_JITTED = None
-
-
-def predict_raw(model, faces: np.ndarray, degradation: str = CLEAN, seed: int = 0, batch_size: int = 64,
-                bar=None) -> dict[str, np.ndarray]:
-  """The model's uncalibrated outputs for `faces`, degraded first unless CLEAN (`degrade.apply`
-  with the face's position as its id: the damage depends on the seed, the degradation and the
-  face alone, not on the batch size or the other degradations)."""
-  import jax
-
-  from agejax.data import degrade
-  outs = []
-  for i in range(0, len(faces), batch_size):
-    x = faces[i:i + batch_size]
-    if degradation != CLEAN:
-      x = np.asarray(_apply_jit(degradation, jax.random.PRNGKey(seed), x, np.arange(i, i + len(x))))
-    outs.append(model.predict(x, batch_size=batch_size, calibrated=False))
-    if bar is not None:
-      bar.update(1, images=len(x))
-  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+from agejax.heldout import CLEAN, fit_on_validation, open_split, predict_raw, split_images
 
 
 def cell(out: dict[str, np.ndarray], ages: np.ndarray, grid: np.ndarray, temperature: float | None) -> dict:
@@ -76,37 +33,6 @@ def cell(out: dict[str, np.ndarray], ages: np.ndarray, grid: np.ndarray, tempera
     c["coverage90_calibrated"] = calibration.coverage(calibration.apply_temperature(out["probs"], temperature),
                                                       grid, ages)
   return c
-
-
-def open_split(name: str, split_kind: str = "test", data_dir: str | None = None):
-  """The data source of a dataset's protocol split ("train", "validation" = its selection split,
-  "test"), building it first from `$<NAME>_DIR` if needed."""
-  from agejax.data import builders, mixture
-  (dname, config, _), = mixture.parse(f"{name}:1")
-  train, select, report = mixture.PROTOCOLS[dname]
-  split = {"train": train, "validation": select, "test": report}[split_kind]
-  b = builders.ensure_built(dname, config or None, data_dir, os.environ.get(f"{dname.upper()}_DIR") or None)
-  return b.as_data_source(split), split
-
-
-def fit_on_validation(model, names: list[str], data_dir: str | None = None, limit: int | None = None,
-                      progress: bool = True) -> dict:
-  """calibration.fit_temperature on the pooled validation splits of the datasets `names`, with
-  what it was fitted on."""
-  from agejax.reporting import Progress
-  probs, ages, used = [], [], []
-  for name in names:
-    source, split = open_split(name, "validation", data_dir)
-    faces, a = split_images(source, model.image_size, limit)
-    bar = Progress(-(-len(faces) // 64), f"calibrate {name}", unit="batch", enabled=progress)
-    out = predict_raw(model, faces, bar=bar)
-    bar.close()
-    probs.append(out["probs"])
-    ages.append(a)
-    used.append(f"{name} {split} ({len(a)})")
-  fit = calibration.fit_temperature(np.concatenate(probs), model.grid, np.concatenate(ages))
-  fit["fitted_on"] = used
-  return fit
 
 
 def run(model, datasets: list[str], degradations: list[str], temperature: float | None,
