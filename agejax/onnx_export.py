@@ -56,6 +56,7 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
   fn = lambda images: tuple(predict(images)[k] for k in names)
   proto = jax2onnx.to_onnx(fn, [_uint8_spec(image_size)], model_name="agejax", opset=OPSET,
                            input_names=["images"], output_names=names)
+  dedupe_initializers(proto)
   path = os.path.join(out_dir, "model.onnx")
   tmp = path + ".tmp"
   try:
@@ -74,6 +75,31 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
   return {"file": "model.onnx", "converter": f"jax2onnx {metadata.version('jax2onnx')}", "opset": OPSET, "inputs": {"images": ["B", image_size, image_size, 3], "dtype": "uint8"},
           "outputs": names, "checked_faces": int(len(faces)),
           "max_abs_difference": {k: round(v, 7) for k, v in diffs.items()}}
+
+
+def dedupe_initializers(model) -> int:
+  """Keep one copy of each identical weight tensor (jax2onnx writes a network's weights once per
+  use: the flip-averaged function uses each twice, and each kernel's layout change again); node
+  inputs are renamed to the kept copy. Returns how many copies were dropped."""
+  import hashlib
+  kept, rename = {}, {}
+  for init in list(model.graph.initializer):
+    key = (init.data_type, tuple(init.dims), hashlib.sha256(init.SerializeToString(deterministic=True)
+                                                           .replace(init.name.encode(), b"")).hexdigest())
+    if key in kept:
+      rename[init.name] = kept[key]
+    else:
+      kept[key] = init.name
+  if not rename:
+    return 0
+  keep = [i for i in model.graph.initializer if i.name not in rename]
+  del model.graph.initializer[:]
+  model.graph.initializer.extend(keep)
+  for node in model.graph.node:
+    for i, name in enumerate(node.input):
+      if name in rename:
+        node.input[i] = rename[name]
+  return len(rename)
 
 
 def _uint8_spec(image_size: int):
