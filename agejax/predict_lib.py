@@ -18,7 +18,7 @@ from agejax.export import ExportedModel
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
-DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "utkface_face_resnet")
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "face_resnet_mtmsa")
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
