@@ -59,3 +59,12 @@ def config_path_importable(argv: list[str] | None = None) -> None:
       root = os.path.dirname(os.path.dirname(path))
       if os.path.isdir(os.path.join(root, "configs")) and root not in sys.path:
         sys.path.insert(0, root)
+
+
+def run_tool(main) -> None:
+  """A command-line tool's process: XLA flags and huge pages before JAX loads (`start_process`), its
+  --config file's folder importable, then absl's app.run(main)."""
+  start_process()
+  config_path_importable()
+  from absl import app
+  app.run(main)

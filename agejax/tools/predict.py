@@ -163,9 +163,7 @@ def _photos(model, files, targets) -> int:
 def run():
   """The command line: `agejax predict`, `python predict.py` and `python -m agejax.tools.predict`."""
   from agejax import cli
-  cli.start_process()  # XLA flags and huge pages, before JAX loads
-  cli.config_path_importable()
-  app.run(main)
+  cli.run_tool(main)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,7 @@ def main(argv):
 def run():
   """The command line: `agejax train`, `python train.py` and `python -m agejax.tools.train`."""
   from agejax import cli
-  cli.start_process()  # XLA flags and huge pages, before JAX loads
-  cli.config_path_importable()
-  app.run(main)
+  cli.run_tool(main)
 
 
 if __name__ == "__main__":
