@@ -6,7 +6,7 @@
 `--gpu` is the GPU table: batch 32 and 256 of the CPU table's training cases, plus
 the 32-image forward at 224 px that DLDL-v2 reports (51.05 ms Thin, 24.26 ms Tiny, on an
 M40), with bf16 on both sides (agejax `--dtype bfloat16`; PyTorch autocast, channels_last,
-torch.compile). `bench/gpu_table.sh` runs it on the lent GPU machine.
+torch.compile). `bench/gpu_table.sh` runs it on a GPU machine.
 
 For each case it runs `python -m agejax.bench` and `../shared/bench/torch_reference.py`
 one after the other (never concurrently), `--rounds` times with the order alternating

@@ -349,3 +349,19 @@ def test_face_suite_entries_configure_what_their_names_say():
     assert any("trunk_lr_factor=0.03" in o for o in overrides) == ("_trunk003" in name), name
     expected_loss = "gaussian_nll" if name.startswith(("mtmsa", "gaussian")) else "dex" if name == "dex" else "dldl_v2"
     assert c.loss.name == expected_loss, name
+
+
+@pytest.mark.parametrize("tool,flag", [("train.py", "--workdir"), ("evaluate.py", "--dataset"),
+                                       ("predict.py", "--runtime")])
+def test_the_wrappers_help_lists_their_tools_flags(tool, flag):
+  p = subprocess.run([sys.executable, tool, "--help"], cwd=experiments.ROOT, capture_output=True, text=True,
+                     timeout=120)
+  out = p.stdout + p.stderr  # absl's --help exits with 1
+  assert "Traceback" not in out and flag in out and (tool == "predict.py" or "--config" in out)
+
+
+def test_agejax_command_names_its_subcommands_and_refuses_others():
+  from agejax import __main__ as command
+  assert command.main([]) == 2 and command.main(["--help"]) == 0
+  assert command.main(["nope"]) == 2
+  assert set(command.COMMANDS) >= {"train", "evaluate", "predict", "export", "build", "demo", "bench"}

@@ -10,7 +10,7 @@ On SIGTERM or Ctrl-C it saves a checkpoint of the step it reached and exits with
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
