@@ -43,7 +43,7 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
   """Write out_dir/model.onnx and check it against `predict` on `faces` (uint8, (N, S, S, 3));
   returns what model.json records of it. ValueError (no file left) where they disagree."""
   if not available(convert=True):
-    raise OnnxUnavailable("Writing model.onnx needs jax2onnx, onnx and onnxruntime: pip install 'agejax[onnx_export]'")
+    raise OnnxUnavailable("Writing model.onnx needs jax2onnx, onnx and onnxruntime: pip install 'agejax[onnx-export]'")
   import jax
   import jax.numpy as jnp
   import logging

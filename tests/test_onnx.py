@@ -11,7 +11,7 @@ import pytest
 from tests import fakes
 
 pytest.importorskip("onnxruntime", reason="pip install 'agejax[onnx]'")
-pytest.importorskip("jax2onnx", reason="pip install 'agejax[onnx_export]'")
+pytest.importorskip("jax2onnx", reason="pip install 'agejax[onnx-export]'")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
