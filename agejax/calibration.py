@@ -8,12 +8,15 @@ intervals cover at least 90% of held-out ages (validation splits, never a test s
 temperature scaling does for classifiers (Guo et al., "On Calibration of Modern Neural Networks",
 ICML 2017), here on the interval's coverage, the property the intervals promise.
 
-Pure numpy: no JAX, no Flax.
+Numpy for the temperature; the interval and its coverage are `ldl.central_interval` and
+`metrics.interval_coverage`, the definitions evaluation uses. No Flax.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from agejax import metrics
 
 # The temperatures tried: 0.25 .. 16 on a log scale (coverage is monotone in T).
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 241))
@@ -32,29 +35,10 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
   return (p / p.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def central_interval(probs: np.ndarray, grid: np.ndarray, mass: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-  """numpy twin of `ldl.central_interval` (same definition), for host-side code."""
-  tail = (1.0 - mass) / 2.0
-  cdf = np.cumsum(np.asarray(probs, np.float64), axis=-1)
-  k = cdf.shape[-1]
-  lo = np.clip(np.sum(cdf <= tail + 1e-6, axis=-1), 0, k - 1)
-  hi = np.clip(np.sum(cdf < 1.0 - tail - 1e-6, axis=-1), 0, k - 1)
-  grid = np.asarray(grid, np.float32)
-  return grid[lo], grid[hi]
-
-
-def coverage(probs: np.ndarray, grid: np.ndarray, ages: np.ndarray, mass: float = 0.9) -> float:
-  """The share of `ages` inside their distribution's central `mass` set."""
-  lo, hi = central_interval(probs, grid, mass)
-  ages = np.asarray(ages, np.float32)
-  return float(np.mean((ages >= lo) & (ages <= hi)))
-
-
-def std(probs: np.ndarray, grid: np.ndarray) -> np.ndarray:
-  """The standard deviation of each distribution over the grid."""
-  probs, grid = np.asarray(probs, np.float64), np.asarray(grid, np.float64)
-  mean = probs @ grid
-  return np.sqrt(np.maximum(probs @ grid ** 2 - mean ** 2, 0.0)).astype(np.float32)
+def coverage(probs, grid, ages, mass: float = 0.9) -> float:
+  """The share of `ages` inside their distribution's central `mass` interval (`metrics.interval_coverage`)."""
+  return float(metrics.interval_coverage(np.asarray(probs, np.float32), np.asarray(grid, np.float32),
+                                         np.asarray(ages, np.float32), mass))
 
 
 def fit_temperature(probs: np.ndarray, grid: np.ndarray, ages: np.ndarray, mass: float = 0.9) -> dict:

@@ -169,9 +169,9 @@ class ExportedModel:
     parts = [call(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
     if calibrated and self.temperature != 1.0:
-      from agejax import calibration
+      from agejax import calibration, ldl
       out["probs"] = calibration.apply_temperature(out["probs"], self.temperature)
-      out["std"] = calibration.std(out["probs"], self.grid)
+      out["std"] = np.asarray(ldl.distribution_std(out["probs"], self.grid))
     return out
 
 

@@ -79,13 +79,15 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
 
 def dedupe_initializers(model) -> int:
   """Keep one copy of each identical weight tensor (jax2onnx writes a network's weights once per
-  use: the flip-averaged function uses each twice, and each kernel's layout change again); node
-  inputs are renamed to the kept copy. Returns how many copies were dropped."""
+  use: the flip-averaged function uses each twice, and each kernel's layout change again); the
+  inputs of the graph's nodes are renamed to the kept copy (the graphs written here have no
+  subgraphs). Returns how many copies were dropped."""
   import hashlib
   kept, rename = {}, {}
   for init in list(model.graph.initializer):
-    key = (init.data_type, tuple(init.dims), hashlib.sha256(init.SerializeToString(deterministic=True)
-                                                           .replace(init.name.encode(), b"")).hexdigest())
+    if not init.raw_data:  # typed-field tensors are small; only raw bytes are compared
+      continue
+    key = (init.data_type, tuple(init.dims), hashlib.sha256(init.raw_data).hexdigest())
     if key in kept:
       rename[init.name] = kept[key]
     else:

@@ -512,7 +512,6 @@ class _Loop:
           f"The training loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}. "
           f"The last good checkpoint is step {last} in {os.path.join(self.workdir, 'checkpoints')} (left intact). "
           "Lower config.optimizer.learning_rate, set config.optimizer.grad_clip, or check the data.")
-    self.pending = []
 
   def log_train(self, step: int):
     pending = self.pending
