@@ -449,9 +449,11 @@ def _train(trainer: Trainer, config, workdir: str, is_main: bool) -> dict[str, A
       best_mgr.close()
       writer.close()
   final = os.path.join(workdir, "final_validation.json")
-  if step >= trainer.num_steps and not summary and os.path.exists(final):
-    with open(final) as f:  # a finished run run again: its result stands, nothing is rewritten
-      return json.load(f)
+  if not summary:  # no validation in this call (a finished run run again, or none configured)
+    if os.path.exists(final):
+      with open(final) as f:
+        return json.load(f)
+    return summary
   if is_main:
     with open(final, "w") as f:
       json.dump(summaries.jsonable(summary), f, indent=2)
