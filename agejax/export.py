@@ -44,7 +44,7 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   import jax.numpy as jnp
   from jax import export as jax_export
 
-  from agejax import faces, objectives, preprocessing, train_lib
+  from agejax import faces, models, objectives, train_lib
   from agejax.data import labels
 
   config = trainer.config
@@ -55,11 +55,14 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   # The plain Flax/XLA layers: standard XLA ops only, which every platform compiles with its own kernels.
   model, objective, grid = train_lib.make_model(config, ops="plain"), trainer.objective, trainer.grid
   size = config.image_size
+  net, prepare = models.pixel_input(model)
 
   def predict(images):
     variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), stored)
-    apply = lambda x: model.apply(variables, x, train=False)
-    return objectives.predict_images(objective, apply, preprocessing.normalize(images), grid, flip=True)
+    # the mirrored view is made of the uint8 faces (a quarter of the bytes to move), and the network
+    # reads pixels where it can fold the normalisation into its weights (`models.pixel_input`)
+    apply = lambda x: net.apply(variables, prepare(x), train=False)
+    return objectives.predict_images(objective, apply, images, grid, flip=True)
 
   b, = jax_export.symbolic_shape("b")
   exp = jax_export.export(jax.jit(predict), platforms=PLATFORMS)(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))

@@ -115,7 +115,7 @@ def predict(objective: Objective, outputs, grid) -> dict[str, jax.Array]:
 
 
 def predict_images(objective: Objective, apply: Callable, images, grid, flip: bool = True) -> dict[str, jax.Array]:
-  """`predict` of apply(images) for normalised (B, H, W, C) images, averaged with the mirrored
+  """`predict` of apply(images) for (B, H, W, C) images (whatever `apply` takes), averaged with the mirrored
   images' where `flip`: the distributions and class probabilities averaged, the age the mean of
   both ages, the std the averaged distribution's (a Gaussian head's: the mean of both stds).
 

@@ -53,7 +53,11 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
   logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # notes on untyped shape constants
 
   names = output_names(predict, image_size)
-  fn = lambda images: tuple(predict(images)[k] for k in names)
+
+  def fn(images):  # one call of predict: jax2onnx writes every call's graph, with no common-subexpression pass
+    out = predict(images)
+    return tuple(out[k] for k in names)
+
   proto = jax2onnx.to_onnx(fn, [_uint8_spec(image_size)], model_name="agejax", opset=OPSET,
                            input_names=["images"], output_names=names)
   dedupe_initializers(proto)

@@ -168,3 +168,51 @@ def test_msa_on_vgg_trunks_sits_before_the_named_blocks_pool():
     models.create("tiny", msa_stages=(6,))
   with pytest.raises(ValueError, match="stages 1..4"):
     models.create("resnet18", msa_stages=(5,))
+
+
+def test_face_resnet_stem_folds_the_input_normalisation_exactly():
+  """The stem convolves the raw input with the normalisation folded into its weights: the same
+  features as the unfolded stem on dlib's input, from normalised and from [0, 255] input alike,
+  with the stored kernel and bias unchanged (Conv_0/kernel, Conv_0/bias)."""
+  from agejax import preprocessing
+  from agejax.models import face_resnet
+  rng = np.random.RandomState(0)
+  pixels = rng.randint(0, 256, (2, 112, 112, 3)).astype(np.float32)
+  trunk = face_resnet.FaceResNetTrunk(pixels=True)
+  variables = trunk.init(jax.random.PRNGKey(0), pixels)
+  stem = variables["params"]["Conv_0"]
+  assert stem["kernel"].shape == (7, 7, 3, 32) and stem["bias"].shape == (32,)
+  stem = {k: v + rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in stem.items()}  # not the init's values
+  variables = {**variables, "params": {**variables["params"], "Conv_0": stem}}
+  dlib = (pixels - np.asarray(face_resnet.DLIB_MEAN, np.float32)) / 256.0
+  want = jax.lax.conv_general_dilated(dlib, stem["kernel"], (2, 2), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + stem["bias"]
+  got = {}
+  for name, model, x in (("pixels", trunk, pixels),
+                         ("normalised", face_resnet.FaceResNetTrunk(), preprocessing.normalize(pixels))):
+    _, inter = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "Conv_0")
+    (out,) = jax.tree_util.tree_leaves(inter["intermediates"]["Conv_0"])
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4, err_msg=name)
+    got[name] = model.apply(variables, x)
+  assert np.all(np.isfinite(got["pixels"]))
+  np.testing.assert_allclose(got["pixels"], got["normalised"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["face_resnet", "tiny"])
+def test_pixel_input_is_the_model_after_normalize(name):
+  """models.pixel_input: the same ages and distributions from uint8 faces, with the same variables;
+  the face ResNet's reads the pixels itself (no normalisation in front of it)."""
+  from agejax import preprocessing
+  model = models.create(name, age_head="gaussian", gender=True, ops="plain")
+  faces = np.random.RandomState(1).randint(0, 256, (3, 112, 112, 3)).astype(np.uint8)  # the face ResNet needs >= 103
+  variables = model.init(jax.random.PRNGKey(2), preprocessing.normalize(faces), train=False)
+  leaves, tree = jax.tree_util.tree_flatten(variables)  # heads start at zero: move every weight
+  rng = np.random.RandomState(3)
+  variables = tree.unflatten([v + rng.normal(0, 0.05, v.shape).astype(np.float32) for v in leaves])
+  net, prepare = models.pixel_input(model)
+  assert (prepare is preprocessing.normalize) == (name != "face_resnet")
+  want = model.apply(variables, preprocessing.normalize(faces), train=False)
+  got = net.apply(variables, prepare(faces), train=False)
+  for k in want:
+    assert np.all(np.isfinite(want[k])), k
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)

@@ -92,3 +92,21 @@ def test_predict_takes_a_runtime(exported, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     outs[rt] = json.loads(p.stdout.strip().splitlines()[-1])["faces"][0]["age"]
   assert abs(outs["jax"] - outs["onnx"]) <= 0.01
+
+
+def test_onnx_graph_holds_the_network_once_per_view(exported):
+  """model.onnx runs the network once for the faces and once mirrored: every convolution's weight
+  feeds two Conv nodes (a graph traced once per output held it once per output and view)."""
+  import collections
+  import onnx
+  _, _, path, _ = exported
+  graph = onnx.load(os.path.join(path, "model.onnx")).graph
+  producer = {o: n for n in graph.node for o in n.output}
+  uses = collections.Counter()
+  for node in graph.node:
+    if node.op_type == "Conv":
+      w = node.input[1]
+      while w in producer and producer[w].op_type in ("Cast", "Transpose", "Identity", "Reshape"):
+        w = producer[w].input[0]
+      uses[w] += 1
+  assert uses and set(uses.values()) == {2}, uses

@@ -11,7 +11,7 @@ or on a single CPU device agejax's XLA:CPU layers, with the same variables.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -78,6 +78,17 @@ def create(name: str, *, age_head: str = "distribution", num_labels: int = 101, 
     dtype = jnp.dtype(dtype)
   trunk = _trunk(name, dtype, msa_stages, msa_rates, msa_reduction, norm, resolve_ops(ops))
   return AgeNet(trunk, Heads(age_head, num_labels, age_center, gender, race))
+
+
+def pixel_input(model: nn.Module) -> tuple[nn.Module, Callable]:
+  """(network, prepare) with network.apply(v, prepare(x)) the function model.apply(v, normalize(x)) of
+  uint8 / [0, 255] RGB x, for inference: where the trunk reads pixels itself (the face ResNet, which
+  folds its whole input map into its stem's weights, exactly) a clone that does, prepare a cast;
+  otherwise the model itself after `preprocessing.normalize`. Same variables either way."""
+  from agejax import preprocessing
+  if isinstance(model, AgeNet) and isinstance(model.trunk, FaceResNetTrunk):
+    return model.clone(trunk=model.trunk.clone(pixels=True)), lambda x: jnp.asarray(x).astype(jnp.float32)
+  return model, preprocessing.normalize
 
 
 def resolve_ops(ops: str | Ops = "auto", devices=None) -> Ops:

@@ -19,7 +19,8 @@ Its weights (public domain) come from `agejax.pretrained`. What reproduces dlib:
 - Input: dlib feeds (pixel - (122.782, 117.001, 104.298)) / 256. The trunk takes
   agejax's normalised input (`agejax.preprocessing.normalize`) and maps it to dlib's
   exactly (both are per-channel affine maps of the pixels), so it drops into every
-  training and export path unchanged; `pixels=True` takes [0, 255] RGB instead.
+  training and export path unchanged; `pixels=True` takes [0, 255] RGB instead. At inference the
+  map is folded into the stem's weights (`fold_input_affine`: the stem has no padding, so exact).
 
 Convolutions, batch norm and the max-pool come from `ops` (models/ops.py).
 """
@@ -27,10 +28,11 @@ Convolutions, batch norm and the max-pool come from `ops` (models/ops.py).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from agejax import preprocessing
 from agejax.models.attention import MultiScaleAttention
@@ -68,11 +70,34 @@ def avg_pool_2x2(x):
   return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def dlib_input_affine(pixels: bool) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, offset), float32 per channel: dlib's input (pixel - DLIB_MEAN) / 256 is x * scale + offset
+  for agejax-normalised x (pixel = (x * STD + MEAN) * 255) or, with pixels=True, [0, 255] RGB."""
+  std, mean, dlib_mean = (np.asarray(v, np.float64) for v in (preprocessing.STD, preprocessing.MEAN, DLIB_MEAN))
+  if pixels:
+    scale, offset = np.full(3, 1 / 256.0), -dlib_mean / 256.0
+  else:
+    scale, offset = std * 255.0 / 256.0, (mean * 255.0 - dlib_mean) / 256.0
+  return scale.astype(np.float32), offset.astype(np.float32)
+
+
 def dlib_input(x, pixels: bool):
   """agejax-normalised (or, with pixels=True, [0, 255]) RGB -> dlib's (pixel - mean) / 256."""
   if not pixels:
     x = (x * jnp.array(preprocessing.STD) + jnp.array(preprocessing.MEAN)) * 255.0
   return (x - jnp.array(DLIB_MEAN)) / 256.0
+
+
+def fold_input_affine(scale, offset) -> Callable:
+  """`nn.map_variables`' trans_in_fn for a convolution without padding: convolving x * scale + offset
+  (per input channel) equals convolving x with kernel * scale and bias + sum(kernel * offset). The
+  stored variables stay the unfolded ones (a checkpoint loads either way); gradients flow through."""
+  def fold(variables):
+    p = variables["params"]
+    kernel = p["kernel"]
+    return {**variables, "params": {**p, "kernel": kernel * scale[:, None],
+                                    "bias": p["bias"] + jnp.sum(kernel * offset[:, None], axis=(0, 1, 2))}}
+  return fold
 
 
 class FaceBlock(nn.Module):
@@ -119,8 +144,15 @@ class FaceResNetTrunk(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = dlib_input(x.astype(jnp.float32), self.pixels).astype(self.dtype)
-    x = self.ops.conv(32, (7, 7), 2, padding=0, use_bias=True, kernel_init=conv_init, dtype=self.dtype)(x)
+    # Inference folds dlib's input map into the stem (VALID, so exact): no pass over the pixels, which
+    # an exported ONNX graph would run op by op over the whole batch. Training maps the input first:
+    # the stem's gradients are then computed on dlib's centred input, as accurate as before.
+    if train or self.is_initializing():
+      x, stem = dlib_input(x.astype(jnp.float32), self.pixels), self.ops.conv
+    else:
+      stem = nn.map_variables(self.ops.conv, "params", trans_in_fn=fold_input_affine(*dlib_input_affine(self.pixels)))
+    x = stem(32, (7, 7), 2, padding=0, use_bias=True, kernel_init=conv_init, dtype=self.dtype, name="Conv_0")(
+        x.astype(self.dtype))
     x = nn.relu(_norm(self.norm, self.ops, train, self.dtype)(x))
     x = self.ops.max_pool(x, (3, 3), (2, 2))
     for level, (features, blocks, down) in enumerate(LEVELS, start=1):
