@@ -206,8 +206,9 @@ def main(argv=None):
   ap.add_argument("--workers", type=int, default=0, help="pipeline mode: grain worker processes; predict "
                   "mode: face detection processes")
   ap.add_argument("--detector", default="auto", help="predict mode: auto, hog or cnn")
-  ap.add_argument("--runtime", default="auto", choices=["auto", "jax", "onnx", "both"],
-                  help="predict mode: the network's runtime; both: jax then onnx, and their ratio")
+  ap.add_argument("--runtime", default="auto", choices=["auto", "jax", "onnx", "onnx-int8", "both", "all"],
+                  help="predict mode: the network's runtime; both: jax then onnx, and their ratio; all: jax, "
+                  "onnx and onnx-int8, and the ratios to jax")
   ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
@@ -220,7 +221,7 @@ def main(argv=None):
                   help="train/infer modes: the layers (auto: XLA:CPU's on one CPU device, else plain Flax)")
   a = ap.parse_args(argv)
   if a.mode == "predict":
-    runtimes = ["jax", "onnx"] if a.runtime == "both" else [a.runtime]
+    runtimes = {"both": ["jax", "onnx"], "all": ["jax", "onnx", "onnx-int8"]}.get(a.runtime, [a.runtime])
     try:
       rows = [predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector, r) for r in runtimes]
     except (FileNotFoundError, ImportError) as e:
@@ -228,8 +229,10 @@ def main(argv=None):
       return 1
     for r in rows:
       print(json.dumps(r))
-    if len(rows) == 2:
-      print(json.dumps({"mode": "predict", "onnx_over_jax": round(rows[1]["faces_per_s"] / rows[0]["faces_per_s"], 2)}))
+    if len(rows) > 1:
+      ratios = {f"{r['runtime'].replace('-', '_')}_over_jax": round(r["faces_per_s"] / rows[0]["faces_per_s"], 2)
+                for r in rows[1:]}
+      print(json.dumps({"mode": "predict", **ratios}))
     return
   if a.mode == "detect":
     archive = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")

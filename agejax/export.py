@@ -5,14 +5,16 @@
                              weights baked in, flip averaging inside
     export/model.onnx        the same function as ONNX (`agejax.onnx_export`), checked against it on
                              real faces before the export finishes (where jax2onnx is installed)
+    export/model.int8.onnx   model.onnx quantised to int8 by ONNX Runtime's tools (`--int8 static`),
+                             kept where its MAE on the validation splits is within 0.05 of float's
     export/weights.msgpack   the network's variables (flax msgpack: no pickle), to make other
                              formats later without retraining
     export/model.json        image size, label grid, preprocessing, heads, provenance, the ONNX check,
                              the calibration temperature
 
-`load(path, runtime)` needs only jax and numpy (and onnxruntime for runtime "onnx"): no Flax, no
-config, no training code. Runtime "auto" takes ONNX Runtime where it is installed and the folder has
-model.onnx (3x XLA:CPU's speed on a CPU, docs/PERFORMANCE.md), else jax.
+`load(path, runtime)` needs only jax and numpy (and onnxruntime for the ONNX runtimes): no Flax, no
+config, no training code. Runtime "auto" takes ONNX Runtime where it is installed, with
+model.int8.onnx where the folder has one, else model.onnx (docs/PERFORMANCE.md has the speeds), else jax.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each, on any host: the artifact runs where the user has it
 
 
-RUNTIMES = ("auto", "jax", "onnx")
+RUNTIMES = ("auto", "jax", "onnx", "onnx-int8")
+# auto: the int8 ONNX model where the export kept one (its MAE within 0.05 of float's), else model.onnx,
+# in ONNX Runtime where it is installed; else the jax.export artifact.
 
 
 def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None,
@@ -147,14 +151,17 @@ class ExportedModel:
                         f"grid has {len(self.grid)} ages.")
     self.onnx = None
     self.runtime = "jax"
-    onnx_path = os.path.join(path, "model.onnx")
     from agejax import onnx_export
-    if runtime == "onnx" and not os.path.exists(onnx_path):
-      raise FileNotFoundError(f"{path}: no model.onnx; export the model again with jax2onnx installed "
+    files = {"onnx": os.path.join(path, "model.onnx"), "onnx-int8": os.path.join(path, onnx_export.INT8_FILE)}
+    if runtime in files and not os.path.exists(files[runtime]):
+      how = "--int8 static" if runtime == "onnx-int8" else "jax2onnx installed"
+      raise FileNotFoundError(f"{path}: no {os.path.basename(files[runtime])}; export the model again with {how} "
                               "(python -m agejax.export ...), or use --runtime jax.")
-    if runtime == "onnx" or (runtime == "auto" and os.path.exists(onnx_path) and onnx_export.available()):
-      self.onnx = onnx_export.OnnxRunner(onnx_path)
-      self.runtime = "onnx"
+    if runtime == "auto" and onnx_export.available():
+      runtime = next((r for r in ("onnx-int8", "onnx") if os.path.exists(files[r])), "jax")
+    if runtime in files:
+      self.onnx = onnx_export.OnnxRunner(files[runtime])
+      self.runtime = runtime
 
   @property
   def temperature(self) -> float:
@@ -201,15 +208,49 @@ def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None) ->
   it was fitted on and the coverage before and after) as model.json's "calibration"."""
   from agejax import heldout
   fit = heldout.fit_on_validation(load(out_dir), datasets, data_dir)
+  return record_in_meta(out_dir, "calibration", fit)
+
+
+def record_in_meta(out_dir: str, key: str, value: dict) -> dict:
+  """Set model.json's `key` to `value` (written to a temporary file, then renamed); returns value."""
   path = os.path.join(out_dir, "model.json")
   with open(path) as f:
     meta = json.load(f)
-  meta["calibration"] = fit
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  meta[key] = value
+  with open(path + ".tmp", "w") as f:
     json.dump(meta, f, indent=2)
-  os.replace(tmp, path)
-  return fit
+  os.replace(path + ".tmp", path)
+  return value
+
+
+INT8_CALIBRATION_FACES = 256  # from the training splits, shared among the sources
+
+
+def quantize(out_dir: str, config, mode: str = "static", data_dir: str | None = None, limit: int | None = None) -> dict:
+  """model.int8.onnx of out_dir's model.onnx (`onnx_export.quantize`): activation ranges from
+  INT8_CALIBRATION_FACES faces of the config's sources' training splits, the MAE compared on their
+  validation splits (the first `limit` faces of each); recorded as model.json's "int8"."""
+  from agejax import heldout, onnx_export
+  from agejax.data import mixture
+  if not os.path.exists(os.path.join(out_dir, "model.onnx")):
+    raise FileNotFoundError(f"{out_dir}: no model.onnx to quantise (export with jax2onnx installed).")
+  size = int(config.image_size)
+  names = [spec.label for spec in mixture.sources(config.dataset)]
+  data_dir = data_dir or config.dataset.data_dir or None
+  calibration, faces, ages, used = [], [], [], []
+  rng = np.random.RandomState(0)
+  for name in names:
+    source, _ = heldout.open_split(name, "train", data_dir)
+    take = np.sort(rng.choice(len(source), min(len(source), INT8_CALIBRATION_FACES // len(names)), replace=False))
+    calibration.append(heldout.split_images([source[int(i)] for i in take], size)[0])
+    source, split = heldout.open_split(name, "validation", data_dir)
+    f, a = heldout.split_images(source, size, limit)
+    faces.append(f)
+    ages.append(a)
+    used.append(f"{name} {split} ({len(a)})")
+  record = onnx_export.quantize(out_dir, np.concatenate(calibration), np.concatenate(faces), np.concatenate(ages), mode)
+  record["checked_on"] = used
+  return record_in_meta(out_dir, "int8", record)
 
 
 def load(path: str, runtime: str = "auto") -> ExportedModel:
@@ -221,17 +262,21 @@ def main(argv=None):
   from absl import app, flags
   from ml_collections import config_flags
 
+  from agejax import onnx_export
   flags.DEFINE_string("workdir", None, "The training run.")
   flags.DEFINE_string("checkpoint", "best", "best | last | a step number.")
   flags.DEFINE_string("out", None, "Output folder (default WORKDIR/export).")
   flags.DEFINE_enum("weights", "float32", ["float32", "bfloat16"], "Stored weight precision (bfloat16: half the size).")
   flags.DEFINE_bool("onnx", None, "Also write model.onnx (default: where jax2onnx is installed).")
+  flags.DEFINE_enum("int8", "none", ["none", *onnx_export.INT8_MODES], "Also write model.int8.onnx, quantised by ONNX "
+                    "Runtime (static: activation ranges from training faces; dynamic: per batch), kept where its "
+                    "MAE on the validation splits is within 0.05 years of model.onnx's.")
   flags.DEFINE_bool("calibrate", False, "Fit the 90% interval's temperature on the validation splits of the "
                     "datasets the model was trained on (agejax.calibration) and record it in model.json.")
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):
-    from agejax import cli, evaluate_lib, onnx_export, train_lib
+    from agejax import cli, evaluate_lib, train_lib
     from agejax.data import mixture
     F = flags.FLAGS
     cli.setup_jax(F.config)
@@ -243,6 +288,8 @@ def main(argv=None):
                        onnx=onnx_export.available(convert=True) if F.onnx is None else F.onnx,
                        check_faces=faces, check_source=source)
     result = {"exported": out}
+    if F.int8 != "none":
+      result["int8"] = quantize(out, F.config, F.int8)
     if F.calibrate:
       if not F.config.dataset.eval_split:
         raise app.UsageError("--calibrate fits on the validation splits, which this config (full_train) trains on; "

@@ -81,6 +81,97 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
           "max_abs_difference": {k: round(v, 7) for k, v in diffs.items()}}
 
 
+INT8_FILE = "model.int8.onnx"
+INT8_MODES = ("static", "dynamic")
+INT8_MAE_TOLERANCE = 0.05  # years: int8 is kept only where its MAE is within this of the float model's
+
+
+def float32_weights(model) -> int:
+  """Replace each Cast of a bfloat16 weight to float32 by the float32 weight itself (exact: every
+  bfloat16 value is a float32 value), so that quantisation sees the weights as constants. Returns
+  how many Casts went."""
+  import ml_dtypes
+  from onnx import TensorProto, numpy_helper
+  inits = {i.name: i for i in model.graph.initializer}
+  done = 0
+  for node in list(model.graph.node):
+    src = inits.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    if src is None or src.data_type != TensorProto.BFLOAT16 or to != TensorProto.FLOAT:
+      continue
+    raw = np.frombuffer(src.raw_data, np.uint16).view(ml_dtypes.bfloat16).reshape(tuple(src.dims))
+    model.graph.initializer.append(numpy_helper.from_array(raw.astype(np.float32), node.output[0]))
+    model.graph.node.remove(node)
+    done += 1
+  used = {i for n in model.graph.node for i in n.input}
+  keep = [i for i in model.graph.initializer if i.name in used]
+  del model.graph.initializer[:]
+  model.graph.initializer.extend(keep)
+  return done
+
+
+def quantize(out_dir: str, calibration: np.ndarray, faces: np.ndarray, ages: np.ndarray,
+             mode: str = "static") -> dict:
+  """Write out_dir/model.int8.onnx: out_dir/model.onnx quantised to int8 by ONNX Runtime's own tools
+  ("static": QDQ, weights per channel, activations' ranges from the uint8 faces `calibration`;
+  "dynamic": weights only, activations' ranges per batch). It is kept only where its age MAE on
+  `faces` (with true `ages`) is within INT8_MAE_TOLERANCE of model.onnx's; returns what model.json
+  records either way ("kept": false and no file where it moved more)."""
+  if mode not in INT8_MODES:
+    raise ValueError(f"int8 mode {mode!r}: one of {', '.join(INT8_MODES)}.")
+  if not available(convert=True):
+    raise OnnxUnavailable("Quantising needs onnx and onnxruntime: pip install 'agejax[onnx-export]'")
+  import logging
+  import tempfile
+
+  import onnx
+  import onnxruntime
+  from onnxruntime import quantization as q
+  onnxruntime.set_default_logger_severity(3)  # the calibration sessions' shape-merging notes
+  from onnxruntime.quantization.shape_inference import quant_pre_process
+  logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # per-node calibration chatter
+
+  src = os.path.join(out_dir, "model.onnx")
+  path = os.path.join(out_dir, INT8_FILE)
+  with tempfile.TemporaryDirectory() as tmp:
+    model = onnx.load(src)
+    float32_weights(model)
+    plain, pre = os.path.join(tmp, "float32.onnx"), os.path.join(tmp, "pre.onnx")
+    onnx.save(model, plain)
+    quant_pre_process(plain, pre, skip_symbolic_shape=True)  # jax2onnx's graph is shaped already
+    tmp_out = os.path.join(tmp, INT8_FILE)
+    if mode == "static":
+      batches = [{"images": np.ascontiguousarray(calibration[i:i + 16], np.uint8)} for i in range(0, len(calibration), 16)]
+
+      class Reader(q.CalibrationDataReader):
+        def __init__(self):
+          self.it = iter(batches)
+
+        def get_next(self):
+          return next(self.it, None)
+
+      q.quantize_static(pre, tmp_out, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    else:
+      q.quantize_dynamic(pre, tmp_out, weight_type=q.QuantType.QInt8)
+    quantized = onnx.load(tmp_out)
+    dedupe_initializers(quantized)
+    onnx.save(quantized, tmp_out)
+    mae = {}
+    for name, file in (("float32", src), ("int8", tmp_out)):
+      runner = OnnxRunner(file)
+      pred = np.concatenate([runner.run(faces[i:i + 64])["age"] for i in range(0, len(faces), 64)])
+      mae[name] = round(float(np.mean(np.abs(pred - ages))), 4)
+    kept = abs(mae["int8"] - mae["float32"]) <= INT8_MAE_TOLERANCE
+    if kept:
+      os.replace(tmp_out, path)
+    elif os.path.exists(path):
+      os.remove(path)
+  return {"file": INT8_FILE if kept else None, "mode": mode, "kept": bool(kept), "mae": mae,
+          "checked_faces": int(len(faces)), "calibration_faces": int(len(calibration)) if mode == "static" else 0,
+          "tolerance": INT8_MAE_TOLERANCE}
+
+
 def dedupe_initializers(model) -> int:
   """Keep one copy of each identical weight tensor (jax2onnx writes a network's weights once per
   use: the flip-averaged function uses each twice, and each kernel's layout change again); the

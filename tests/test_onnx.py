@@ -110,3 +110,57 @@ def test_onnx_graph_holds_the_network_once_per_view(exported):
         w = producer[w].input[0]
       uses[w] += 1
   assert uses and set(uses.values()) == {2}, uses
+
+
+def test_int8_model_is_kept_within_the_tolerance_and_chosen_by_auto(exported, tmp_path, monkeypatch):
+  """onnx_export.quantize writes model.int8.onnx with int8 weights where its MAE stays within the
+  tolerance of model.onnx's (recorded), runtime auto then runs it; where it moves more, no file."""
+  import shutil
+  import onnx
+  from agejax import export, onnx_export
+  _, _, path, faces = exported
+  d = str(tmp_path / "m")
+  shutil.copytree(path, d)
+  ages = np.linspace(5, 60, len(faces)).astype(np.float32)
+  monkeypatch.setattr(onnx_export, "INT8_MAE_TOLERANCE", 100.0)  # a 3-step network: int8 may move it a lot
+  rec = onnx_export.quantize(d, faces, faces, ages, "static")
+  assert rec["kept"] and rec["file"] == onnx_export.INT8_FILE and rec["calibration_faces"] == len(faces)
+  want = export.load(d, runtime="onnx").predict(faces, calibrated=False)["age"]
+  assert rec["mae"]["float32"] == pytest.approx(np.mean(np.abs(want - ages)), abs=1e-3)
+  graph = onnx.load(os.path.join(d, onnx_export.INT8_FILE)).graph
+  assert any(n.op_type == "DequantizeLinear" for n in graph.node)
+  assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)  # weights stored as int8
+  model = export.load(d)
+  assert model.runtime == "onnx-int8"
+  got = model.predict(faces, calibrated=False)["age"]
+  assert rec["mae"]["int8"] == pytest.approx(np.mean(np.abs(got - ages)), abs=1e-3)
+  monkeypatch.setattr(onnx_export, "INT8_MAE_TOLERANCE", -1.0)  # nothing is within a negative tolerance
+  rec = onnx_export.quantize(d, faces, faces, ages, "dynamic")
+  assert not rec["kept"] and rec["file"] is None and not os.path.exists(os.path.join(d, onnx_export.INT8_FILE))
+  assert export.load(d).runtime == "onnx"
+  with pytest.raises(FileNotFoundError, match="model.int8.onnx"):
+    export.load(d, runtime="onnx-int8")
+
+
+def test_float32_weights_replaces_bfloat16_casts_exactly(tmp_path):
+  """A bfloat16 weight cast to float32 becomes that float32 weight: same outputs, no Cast left."""
+  import onnx
+  import onnxruntime as ort
+  from onnx import TensorProto, helper, numpy_helper
+  import ml_dtypes
+  from agejax import onnx_export
+  w = np.random.RandomState(0).normal(size=(3, 4)).astype(ml_dtypes.bfloat16)
+  init = helper.make_tensor("w16", TensorProto.BFLOAT16, (3, 4), w.view(np.uint16).tobytes(), raw=True)
+  graph = helper.make_graph([helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+                             helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 3))],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 4))], [init])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+  want = run(model)
+  assert onnx_export.float32_weights(model) == 1
+  assert [n.op_type for n in model.graph.node] == ["MatMul"]
+  assert [(i.name, i.data_type) for i in model.graph.initializer] == [("w", TensorProto.FLOAT)]
+  np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), w.astype(np.float32))
+  np.testing.assert_array_equal(run(model), want)

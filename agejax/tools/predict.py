@@ -31,7 +31,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run with an export/ folder (python -m agejax.export ...).")
 flags.DEFINE_string("model", None, "An exported model folder (default: the bundled model, dlib's face ResNet with MTMSA's heads).")
-flags.DEFINE_enum("runtime", "auto", ["auto", "jax", "onnx"], "The network's runtime: onnx (ONNX Runtime, "
+flags.DEFINE_enum("runtime", "auto", ["auto", "jax", "onnx", "onnx-int8"], "The network's runtime: onnx (ONNX Runtime, "
                   "pip install 'agejax[onnx]'), jax (XLA), auto (onnx where installed and the model has model.onnx).")
 flags.DEFINE_bool("aligned", False, "Inputs are already face chips: skip detection.")
 flags.DEFINE_bool("json", False, "Print one JSON line per file.")
