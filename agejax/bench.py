@@ -176,12 +176,19 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
           "cpus": os.cpu_count()}
 
 
-def detect_recall(utkface: str, photos_per_condition: int, configs: list[str]) -> dict:
+def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], photo_set: str = "hard") -> dict:
   """Recall, false positives and photos/s of each detector config ("hog:1" = HOG, upsample 1;
-  "auto:1"; "cnn:0") on agejax.hard_photos' degraded group photos of UTKFace faces."""
+  "auto:1"; "cnn:0") on agejax.hard_photos' degraded group photos of UTKFace faces (`photo_set`
+  "hard") or its monochrome scans of UTKFace test faces ("scans": 2 x photos_per_condition photos;
+  labels.csv beside the archive names the test split)."""
   from agejax import faces, hard_photos
-  chips = hard_photos.utkface_chips(utkface, 400)
-  photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
+  if photo_set == "scans":
+    names = hard_photos.utkface_test_names(os.path.join(os.path.dirname(utkface), "labels.csv"))
+    chips = hard_photos.utkface_chips(utkface, 6 * photos_per_condition, names)
+    photos = hard_photos.make_scans(chips, 2 * photos_per_condition)
+  else:
+    chips = hard_photos.utkface_chips(utkface, 400)
+    photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
   out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos),
          "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}
   for cfg in configs:
@@ -211,6 +218,8 @@ def main(argv=None):
                   "onnx and onnx-int8, and the ratios to jax")
   ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
+  ap.add_argument("--photos", default="hard", choices=["hard", "scans"], help="detect mode: hard_photos' group "
+                  "photos, or its monochrome scans of UTKFace test faces")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
                   help="detect mode: detector:upsample, comma-separated")
   ap.add_argument("--batches", type=int, default=40, help="pipeline mode: batches timed")
@@ -236,7 +245,7 @@ def main(argv=None):
     return
   if a.mode == "detect":
     archive = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")
-    print(json.dumps(detect_recall(archive, a.per_condition, a.configs.split(","))))
+    print(json.dumps(detect_recall(archive, a.per_condition, a.configs.split(","), a.photos)))
     return
   if a.mode == "pipeline":
     print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))

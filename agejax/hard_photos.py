@@ -8,6 +8,8 @@ a smooth background, never overlapping) at a known place, then one condition:
   small       colour, faces 36-60 px (group photos, crowds)
   old_print   faces 60-110 px; gray, sepia, blurred, faded, grain, JPEG at quality 35
   scan        faces 50-90 px; gray, shrunk and enlarged again (a low-resolution scan), JPEG 50
+and (`make_scans`, from UTKFace's test chips) a family album's scans: gray_scan and sepia_scan,
+1-3 faces of 60-160 px in photos of 320-640 px, faded, slightly blurred, grain, JPEG 60-85.
 A face counts as found when a detection's centre lies in its chip and the detection's width is
 0.25-1.2 of the chip's; each face is found at most once, other detections are false positives.
 """
@@ -24,6 +26,9 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 CONDITIONS = {"clean": (100, 150), "small": (36, 60), "old_print": (60, 110), "scan": (50, 90)}
+# Family-album scans (`make_scans`): 1-3 faces of 60-160 px in a 320-640 px photo, gray or sepia.
+SCAN_CONDITIONS = ("gray_scan", "sepia_scan")
+SCAN_FACES = (60, 160)
 
 
 @dataclasses.dataclass
@@ -33,16 +38,24 @@ class Photo:
   faces: list[tuple[int, int, int, int]]  # the pasted chips (left, top, right, bottom)
 
 
-def utkface_chips(archive: str, count: int) -> list[np.ndarray]:
-  """The first `count` chips of a UTKFace archive as (200, 200, 3) uint8."""
+def utkface_chips(archive: str, count: int, names: set[str] | None = None) -> list[np.ndarray]:
+  """The first `count` chips of a UTKFace archive (of those whose file name is in `names`, where
+  given) as (200, 200, 3) uint8."""
   chips = []
   with tarfile.open(archive) as tar:
     for m in tar:
       if len(chips) >= count:
         break
-      if m.isfile() and m.name.lower().endswith(".jpg"):
+      if m.isfile() and m.name.lower().endswith(".jpg") and (names is None or m.name.rsplit("/", 1)[-1] in names):
         chips.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
   return chips
+
+
+def utkface_test_names(labels_csv: str) -> set[str]:
+  """The file names of the duplicate-safe test split in UTKFace's labels.csv."""
+  import csv
+  with open(labels_csv, newline="") as f:
+    return {row["filename"] for row in csv.DictReader(f) if row["split"] == "test"}
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -106,6 +119,43 @@ def make_photos(chips: list[np.ndarray], photos_per_condition: int = 6, faces_pe
         canvas.paste(chip, (x, y), _feather(side))
         boxes.append(box)
       out.append(Photo(condition, np.asarray(_degrade(canvas, condition, rng)), boxes))
+  return out
+
+
+def make_scans(chips: list[np.ndarray], count: int, seed: int = 0) -> list[Photo]:
+  """`count` monochrome photos like a family album's scans: 1-3 faces of SCAN_FACES px (the chips
+  used in turn) in a 320-640 px photo (landscape or portrait), faded, gray or sepia (alternately),
+  slightly blurred, with grain, saved as JPEG at quality 60-85."""
+  rng = np.random.default_rng(seed)
+  out, k = [], 0
+  for n in range(count):
+    long_side = int(rng.integers(320, 641))
+    w, h = (long_side, long_side * 3 // 4) if rng.random() < 0.5 else (long_side * 3 // 4, long_side)
+    canvas = _background(rng, w, h)
+    boxes: list[tuple[int, int, int, int]] = []
+    want = int(rng.integers(1, 4))
+    for _ in range(60):
+      if len(boxes) == want:
+        break
+      side = int(rng.integers(SCAN_FACES[0], SCAN_FACES[1] + 1) / 0.6)
+      if side >= min(w, h):
+        continue
+      x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+      box = (x, y, x + side, y + side)
+      if any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in boxes):
+        continue
+      canvas.paste(Image.fromarray(chips[k % len(chips)]).resize((side, side), Image.BILINEAR), (x, y), _feather(side))
+      k += 1
+      boxes.append(box)
+    condition = SCAN_CONDITIONS[n % 2]
+    gray = ImageOps.grayscale(canvas).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.0))))
+    a = np.asarray(gray, np.float32) / 255 * rng.uniform(0.7, 0.9) + rng.uniform(0.05, 0.15)  # faded
+    a = a + rng.normal(0, 0.02, size=a.shape)                                                  # grain
+    tint = (1.0, 1.0, 1.0) if condition == "gray_scan" else (1.07, 0.92, 0.72)
+    img = Image.fromarray(np.clip(np.stack([a * t for t in tint], -1) * 255, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(rng.integers(60, 86)))
+    out.append(Photo(condition, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), boxes))
   return out
 
 

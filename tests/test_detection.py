@@ -23,16 +23,44 @@ def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
   colour, old = astronaut_small
   hog0, hog1 = faces.FaceAligner(detector="hog", upsample=0), faces.FaceAligner(detector="hog", upsample=1)
   assert len(hog0.detect(colour)) == 0 and len(hog1.detect(colour)) == 1  # 45 px: needs one upsampling
-  cnn, auto = faces.FaceAligner(detector="cnn", upsample=1), faces.FaceAligner(detector="auto", cnn_upsample=1)
+  cnn, careful = faces.FaceAligner(detector="cnn", upsample=1), faces.FaceAligner(detector="careful", cnn_upsample=1)
   assert len(hog1.detect(old)) == 0                                      # HOG loses the gray, blurred face
   found = cnn(old)
   assert len(found) == 1 and found[0].chip.shape == (200, 200, 3)
   l, t, r, b = found[0].box
   assert 60 < (l + r) / 2 < 120 and 20 < (t + b) / 2 < 70               # where her face is
-  assert [f.box for f in auto(old)] == [f.box for f in found]           # auto: the CNN on a gray photo
-  assert [f.box for f in auto(colour)] == [f.box for f in hog1(colour)]  # ... HOG on a colour one
+  assert [f.box for f in careful(old)] == [f.box for f in found]        # careful: the CNN on a gray photo
+  assert [f.box for f in careful(colour)] == [f.box for f in hog1(colour)]  # ... HOG on a colour one
+  auto = faces.FaceAligner(detector="auto", cnn_upsample=1)
+  assert [f.box for f in auto(old)] == [f.box for f in found]           # auto: the CNN where HOG finds none
+  assert [f.box for f in auto(colour)] == [f.box for f in hog1(colour)]
   with pytest.raises(ValueError, match="detector 'mtcnn'"):
     faces.FaceAligner(detector="mtcnn")
+
+
+class _Spy:
+  """Records the calls of a detector's method and answers as it does."""
+
+  def __init__(self, target, method):
+    self.calls, self._f = [], getattr(target, method)
+
+  def __call__(self, *args):
+    self.calls.append(args[1:])
+    return self._f(*args)
+
+
+def test_auto_upsamples_only_small_photos_and_runs_the_cnn_only_where_hog_finds_none(astronaut_small, monkeypatch):
+  colour, old = astronaut_small
+  auto = faces.FaceAligner(detector="auto", upsample=1, cnn_upsample=1)
+  hog, cnn = _Spy(auto.hog, "run"), _Spy(auto, "_cnn")
+  auto.hog = type("Hog", (), {"run": staticmethod(hog)})()
+  monkeypatch.setattr(auto, "_cnn", cnn)
+  assert len(auto.detect(colour)) == 1 and [c[0] for c in hog.calls] == [1] and cnn.calls == []  # 256 px: small
+  assert len(auto.detect(old)) == 1 and cnn.calls == [(faces.AUTO_CNN_MAX_SIDE,)]  # HOG found none: the CNN
+  monkeypatch.setattr(faces, "SMALL_PHOTO_SIDE", 200)  # now a 256 px photo counts as large
+  hog.calls.clear()
+  auto.detect(colour)
+  assert [c[0] for c in hog.calls] == [0]              # no upsampling (her 45 px face is then the CNN's)
 
 
 def test_monochrome_photos_are_told_from_colour_ones(astronaut_small):

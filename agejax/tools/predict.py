@@ -28,6 +28,8 @@ import sys
 
 from absl import app, flags
 
+from agejax import faces
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run with an export/ folder (python -m agejax.export ...).")
 flags.DEFINE_string("model", None, "An exported model folder (default: the bundled model, dlib's face ResNet with MTMSA's heads).")
@@ -39,9 +41,10 @@ flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
 flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
-flags.DEFINE_enum("detector", "auto", ["hog", "cnn", "auto"], "Face detector: auto (hog on colour photos, cnn on "
-                  "gray or sepia ones and where hog finds no face), hog (fast; misses most old-print faces), cnn "
-                  "(finds the most; 20-80x slower than hog).")
+flags.DEFINE_enum("detector", "auto", list(faces.DETECTORS), "Face detector: auto (hog, upsampled only on photos "
+                  "up to 800 px, and cnn on a shrunk photo where hog finds no face), hog (hog alone), cnn (finds the "
+                  "most; 20-80x slower than hog), careful (hog on colour photos, cnn on gray or sepia ones and "
+                  "where hog finds no face: more faded-print faces at the cnn's cost).")
 flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
                      "each step about 4x slower).", lower_bound=0, upper_bound=3)
 flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core, at most 8, for 4 or "
