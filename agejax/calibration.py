@@ -4,7 +4,9 @@ A model's 90% interval (`ldl.central_interval` of its distribution) should hold 
 90% of the time. `apply_temperature(probs, T)` returns p^(1/T), renormalised: T > 1 widens every
 distribution (for a Gaussian it multiplies sigma by sqrt(T)), T < 1 narrows it; the ranking of
 the labels, and so the mode, is unchanged. `fit_temperature` picks the smallest T whose 90%
-intervals cover at least 90% of held-out ages (validation splits, never a test split), as
+intervals cover at least 90% of held-out ages (validation splits, never a test split) and,
+optionally, at least a floor (say 85%) of each group of them (the validation faces degraded:
+blurred, shrunk, darkened), as
 temperature scaling does for classifiers (Guo et al., "On Calibration of Modern Neural Networks",
 ICML 2017), here on the interval's coverage, the property the intervals promise.
 
@@ -41,18 +43,32 @@ def coverage(probs, grid, ages, mass: float = 0.9) -> float:
                                          np.asarray(ages, np.float32), mass))
 
 
-def fit_temperature(probs: np.ndarray, grid: np.ndarray, ages: np.ndarray, mass: float = 0.9) -> dict:
+def fit_temperature(probs: np.ndarray, grid: np.ndarray, ages: np.ndarray, mass: float = 0.9,
+                    groups: np.ndarray | None = None, floor: float | None = None) -> dict:
   """The smallest temperature of TEMPERATURES whose `mass` intervals cover at least `mass` of
-  `ages`, with the coverage before and after: {"temperature", "coverage_before", "coverage_after",
-  "n", "mass"}. Where even the largest does not reach it, the largest."""
+  `ages` and, where `groups` (a label per face, e.g. its degradation) and `floor` are given, at
+  least `floor` of each group's; with the coverage before and after: {"temperature",
+  "coverage_before", "coverage_after", "n", "mass"[, "floor", "groups": {g: [before, after]}]}.
+  Where even the largest does not reach it, the largest."""
   if len(ages) == 0:
     raise ValueError("fit_temperature needs at least one held-out age.")
-  before = coverage(probs, grid, ages, mass)
+  masks = {} if groups is None or floor is None else {str(g): np.asarray(groups) == g for g in dict.fromkeys(groups)}
+
+  def met(p):
+    if coverage(p, grid, ages, mass) < mass:
+      return False
+    return all(coverage(p[m], grid, ages[m], mass) >= floor for m in masks.values())
+
   chosen = TEMPERATURES[-1]
   for t in TEMPERATURES:
-    if coverage(apply_temperature(probs, t), grid, ages, mass) >= mass:
+    if met(apply_temperature(probs, t)):
       chosen = t
       break
-  return {"temperature": float(chosen), "coverage_before": before,
-          "coverage_after": coverage(apply_temperature(probs, chosen), grid, ages, mass),
-          "n": int(len(ages)), "mass": mass}
+  after = apply_temperature(probs, chosen)
+  out = {"temperature": float(chosen), "coverage_before": coverage(probs, grid, ages, mass),
+         "coverage_after": coverage(after, grid, ages, mass), "n": int(len(ages)), "mass": mass}
+  if masks:
+    out["floor"] = floor
+    out["groups"] = {g: [coverage(probs[m], grid, ages[m], mass), coverage(after[m], grid, ages[m], mass)]
+                     for g, m in masks.items()}
+  return out

@@ -203,12 +203,21 @@ def check_faces(config) -> tuple[np.ndarray | None, str]:
           f"{n} faces of {spec.label} {split}")
 
 
-def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None) -> dict:
-  """Fit the exported model's temperature on `datasets`' validation splits and record it (with what
-  it was fitted on and the coverage before and after) as model.json's "calibration"."""
+def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None, degradations: tuple[str, ...] = (),
+              floor: float | None = None) -> dict:
+  """Fit the exported model's temperature on `datasets`' validation splits (and, with
+  `degradations`, on those faces degraded, each condition held to `floor`: `heldout.fit_on_validation`)
+  and record it, with what it was fitted on and the coverage before and after, as model.json's
+  "calibration". The float model answers (model.onnx where there is one)."""
   from agejax import heldout
-  fit = heldout.fit_on_validation(load(out_dir), datasets, data_dir)
+  runtime = "onnx" if os.path.exists(os.path.join(out_dir, "model.onnx")) and _onnx_available() else "jax"
+  fit = heldout.fit_on_validation(load(out_dir, runtime), datasets, data_dir, degradations=degradations, floor=floor)
   return record_in_meta(out_dir, "calibration", fit)
+
+
+def _onnx_available() -> bool:
+  from agejax import onnx_export
+  return onnx_export.available()
 
 
 def record_in_meta(out_dir: str, key: str, value: dict) -> dict:
@@ -273,6 +282,10 @@ def main(argv=None):
                     "MAE on the validation splits is within 0.05 years of model.onnx's.")
   flags.DEFINE_bool("calibrate", False, "Fit the 90% interval's temperature on the validation splits of the "
                     "datasets the model was trained on (agejax.calibration) and record it in model.json.")
+  flags.DEFINE_list("calibrate_degradations", [], "With --calibrate: also fit on those validation faces degraded "
+                    "(agejax.data.degrade names, e.g. blur,low_resolution,dark), each held to --coverage_floor.")
+  flags.DEFINE_float("coverage_floor", 0.85, "With --calibrate_degradations: the coverage each degraded condition "
+                     "must reach on validation.")
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):
@@ -294,8 +307,13 @@ def main(argv=None):
       if not F.config.dataset.eval_split:
         raise app.UsageError("--calibrate fits on the validation splits, which this config (full_train) trains on; "
                              "calibrate a model trained with a held-out validation split.")
+      from agejax.data import degrade
+      bad = [d for d in F.calibrate_degradations if d not in degrade.DEGRADATIONS]
+      if bad:
+        raise app.UsageError(f"--calibrate_degradations: unknown {bad}; choose from {', '.join(degrade.DEGRADATIONS)}.")
       result["calibration"] = calibrate(out, [spec.label for spec in mixture.sources(F.config.dataset)],
-                                        F.config.dataset.data_dir or None)
+                                        F.config.dataset.data_dir or None, tuple(F.calibrate_degradations),
+                                        F.coverage_floor)
     print(json.dumps(result))
 
   app.run(run, argv)

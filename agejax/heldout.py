@@ -71,20 +71,25 @@ def open_split(name: str, split_kind: str = "test", data_dir: str | None = None)
 
 
 def fit_on_validation(model, names: list[str], data_dir: str | None = None, limit: int | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, degradations: tuple[str, ...] = (), floor: float | None = None) -> dict:
   """calibration.fit_temperature on the pooled validation splits of the datasets `names`, with
-  what it was fitted on."""
+  what it was fitted on; with `degradations` (`agejax.data.degrade` names) the same faces degraded
+  join the pool, and with `floor` each of those conditions must reach that coverage too."""
   from agejax.reporting import Progress
-  probs, ages, used = [], [], []
+  probs, ages, groups, used = [], [], [], []
   for name in names:
     source, split = open_split(name, "validation", data_dir)
     faces, a = split_images(source, model.image_size, limit)
-    bar = Progress(-(-len(faces) // 64), f"calibrate {name}", unit="batch", enabled=progress)
-    out = predict_raw(model, faces, bar=bar)
-    bar.close()
-    probs.append(out["probs"])
-    ages.append(a)
+    for condition in (CLEAN, *degradations):
+      bar = Progress(-(-len(faces) // 64), f"calibrate {name} {condition}", unit="batch", enabled=progress)
+      out = predict_raw(model, faces, condition, bar=bar)
+      bar.close()
+      probs.append(out["probs"])
+      ages.append(a)
+      groups.append(np.full(len(a), condition, object))
     used.append(f"{name} {split} ({len(a)})")
-  fit = calibration.fit_temperature(np.concatenate(probs), model.grid, np.concatenate(ages))
-  fit["fitted_on"] = used
+  fit = calibration.fit_temperature(np.concatenate(probs), model.grid, np.concatenate(ages),
+                                    groups=np.concatenate(groups) if degradations else None,
+                                    floor=floor if degradations else None)
+  fit["fitted_on"] = used + ([f"each also {', '.join(degradations)}"] if degradations else [])
   return fit

@@ -345,6 +345,30 @@ def test_fit_temperature_finds_the_smallest_that_covers():
   assert calibration.coverage(calibration.apply_temperature(p, smaller), grid, ages) < 0.9
 
 
+def calibration_max_temperature() -> float:
+  from agejax import calibration
+  return float(calibration.TEMPERATURES[-1])
+
+
+def test_fit_temperature_holds_every_group_to_the_floor():
+  """Clean faces with honest spreads and a degraded group whose errors are twice as large: the pooled
+  target alone leaves the degraded group short; with a floor, the temperature widens until it holds."""
+  from agejax import calibration, ldl
+  rng = np.random.RandomState(1)
+  grid = np.arange(0.0, 101.0)
+  ages = rng.uniform(20, 80, 3000)
+  sd = np.where(np.arange(3000) < 2400, 3.0, 6.0)  # the last 600: errors of sd 6, claimed sd 3
+  p = np.asarray(ldl.gaussian_label_distribution(jnp.asarray(ages + rng.normal(0, 1, 3000) * sd), 3.0, jnp.asarray(grid)))
+  groups = np.where(np.arange(3000) < 2400, "clean", "blur")
+  pooled = calibration.fit_temperature(p, grid, ages)
+  assert calibration.coverage(calibration.apply_temperature(p[2400:], pooled["temperature"]), grid, ages[2400:]) < 0.85
+  fit = calibration.fit_temperature(p, grid, ages, groups=groups, floor=0.85)
+  assert fit["temperature"] > pooled["temperature"] and fit["floor"] == 0.85
+  assert set(fit["groups"]) == {"clean", "blur"} and fit["groups"]["blur"][1] >= 0.85 > fit["groups"]["blur"][0]
+  smaller = calibration.TEMPERATURES[np.searchsorted(calibration.TEMPERATURES, fit["temperature"]) - 1]
+  assert calibration.coverage(calibration.apply_temperature(p[2400:], smaller), grid, ages[2400:]) < 0.85
+
+
 # ---- evaluation, export and the robustness table over a mixture ---------------------------------
 
 def run_tool(args, data_dir, **env_extra):
@@ -376,11 +400,14 @@ def test_mixture_train_evaluate_export_calibrate_and_robustness(tmp_path, two_da
   # cross-dataset: a model scored on one dataset only
   run_tool(["evaluate.py", *common, "--dataset", "utkface"], two_datasets)
   # export with calibration fitted on both validation splits
-  exp = json.loads(run_tool(["-m", "agejax.export", *common[:2], *common[4:], "--workdir", str(wd), "--calibrate"],
+  exp = json.loads(run_tool(["-m", "agejax.export", *common[:2], *common[4:], "--workdir", str(wd), "--calibrate",
+                             "--calibrate_degradations=blur,dark", "--coverage_floor=0.8"],
                             two_datasets).stdout.strip().splitlines()[-1])
   meta = json.load(open(os.path.join(exp["exported"], "model.json")))
   cal = meta["calibration"]
   assert cal["fitted_on"][0].startswith("folder validation") and cal["fitted_on"][1].startswith("utkface validation")
+  assert set(cal["groups"]) == {"clean", "blur", "dark"} and cal["floor"] == 0.8
+  assert cal["groups"]["blur"][1] >= 0.8 or cal["temperature"] == calibration_max_temperature()
   assert meta["mixture"] == "folder:0.5,utkface:0.5"
   from agejax import calibration, export
   model = export.load(exp["exported"])
