@@ -5,7 +5,7 @@ A model's 90% interval (`ldl.central_interval` of its distribution) should hold 
 distribution (for a Gaussian it multiplies sigma by sqrt(T)), T < 1 narrows it; the ranking of
 the labels, and so the mode, is unchanged. `fit_temperature` picks the smallest T whose 90%
 intervals cover at least 90% of held-out ages (validation splits, never a test split) and,
-optionally, at least a floor (say 85%) of each group of them (the validation faces degraded:
+optionally, at least a floor of each of further held-out sets (the same validation faces degraded:
 blurred, shrunk, darkened), as
 temperature scaling does for classifiers (Guo et al., "On Calibration of Modern Neural Networks",
 ICML 2017), here on the interval's coverage, the property the intervals promise.
@@ -44,31 +44,29 @@ def coverage(probs, grid, ages, mass: float = 0.9) -> float:
 
 
 def fit_temperature(probs: np.ndarray, grid: np.ndarray, ages: np.ndarray, mass: float = 0.9,
-                    groups: np.ndarray | None = None, floor: float | None = None) -> dict:
+                    also: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, floor: float | None = None) -> dict:
   """The smallest temperature of TEMPERATURES whose `mass` intervals cover at least `mass` of
-  `ages` and, where `groups` (a label per face, e.g. its degradation) and `floor` are given, at
-  least `floor` of each group's; with the coverage before and after: {"temperature",
-  "coverage_before", "coverage_after", "n", "mass"[, "floor", "groups": {g: [before, after]}]}.
+  `ages` and, with `also` ({name: (probs, ages)}, e.g. the same faces degraded) and `floor`, at
+  least `floor` of each of those; with the coverage before and after: {"temperature",
+  "coverage_before", "coverage_after", "n", "mass"[, "floor", "also": {name: [before, after]}]}.
   Where even the largest does not reach it, the largest."""
   if len(ages) == 0:
     raise ValueError("fit_temperature needs at least one held-out age.")
-  masks = {} if groups is None or floor is None else {str(g): np.asarray(groups) == g for g in dict.fromkeys(groups)}
+  if (also is None) != (floor is None):
+    raise ValueError("fit_temperature: `also` and `floor` go together.")
+  also = also or {}
 
-  def met(p):
-    if coverage(p, grid, ages, mass) < mass:
+  def met(t):
+    if coverage(apply_temperature(probs, t), grid, ages, mass) < mass:
       return False
-    return all(coverage(p[m], grid, ages[m], mass) >= floor for m in masks.values())
+    return all(coverage(apply_temperature(p, t), grid, a, mass) >= floor for p, a in also.values())
 
-  chosen = TEMPERATURES[-1]
-  for t in TEMPERATURES:
-    if met(apply_temperature(probs, t)):
-      chosen = t
-      break
-  after = apply_temperature(probs, chosen)
+  chosen = next((t for t in TEMPERATURES if met(t)), TEMPERATURES[-1])
   out = {"temperature": float(chosen), "coverage_before": coverage(probs, grid, ages, mass),
-         "coverage_after": coverage(after, grid, ages, mass), "n": int(len(ages)), "mass": mass}
-  if masks:
+         "coverage_after": coverage(apply_temperature(probs, chosen), grid, ages, mass), "n": int(len(ages)),
+         "mass": mass}
+  if also:
     out["floor"] = floor
-    out["groups"] = {g: [coverage(probs[m], grid, ages[m], mass), coverage(after[m], grid, ages[m], mass)]
-                     for g, m in masks.items()}
+    out["also"] = {k: [coverage(p, grid, a, mass), coverage(apply_temperature(p, chosen), grid, a, mass)]
+                   for k, (p, a) in also.items()}
   return out

@@ -30,6 +30,7 @@ import threading
 
 import numpy as np
 
+from agejax import export
 from agejax import faces as faces_lib
 from agejax import predict_lib
 
@@ -257,8 +258,7 @@ def main(argv=None):
   flags.DEFINE_string("model", None, "An exported model folder (default: the bundled model).")
   flags.DEFINE_string("workdir", None, "A training run with an export/ folder.")
   flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.")
-  flags.DEFINE_enum("runtime", "auto", ["auto", "jax", "onnx", "onnx-int8"], "The network's runtime (auto: ONNX Runtime where "
-                    "installed and the model has model.onnx).")
+  flags.DEFINE_enum("runtime", "auto", list(export.RUNTIMES), export.RUNTIME_HELP)
   flags.DEFINE_integer("max_file_mb", 20, "Largest upload accepted, in megabytes.")
   flags.DEFINE_bool("open_browser", False, "Open the page in the default browser.")
 

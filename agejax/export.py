@@ -6,7 +6,7 @@
     export/model.onnx        the same function as ONNX (`agejax.onnx_export`), checked against it on
                              real faces before the export finishes (where jax2onnx is installed)
     export/model.int8.onnx   model.onnx quantised to int8 by ONNX Runtime's tools (`--int8 static`),
-                             kept where its MAE on the validation splits is within 0.05 of float's
+                             kept where its validation MAE is at most 0.05 years above float's
     export/weights.msgpack   the network's variables (flax msgpack: no pickle), to make other
                              formats later without retraining
     export/model.json        image size, label grid, preprocessing, heads, provenance, the ONNX check,
@@ -30,8 +30,11 @@ PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each, on any host: the artifac
 
 
 RUNTIMES = ("auto", "jax", "onnx", "onnx-int8")
-# auto: the int8 ONNX model where the export kept one (its MAE within 0.05 of float's), else model.onnx,
+# auto: the int8 ONNX model where the export kept one (onnx_export.INT8_MAE_TOLERANCE), else model.onnx,
 # in ONNX Runtime where it is installed; else the jax.export artifact.
+RUNTIME_HELP = ("The network's runtime: onnx-int8 / onnx (ONNX Runtime on model.int8.onnx / model.onnx, pip install "
+                "'agejax[onnx]'), jax (XLA), auto (onnx-int8 where the model has it and ONNX Runtime is installed, "
+                "else onnx, else jax).")
 
 
 def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None = None,
@@ -71,6 +74,10 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   b, = jax_export.symbolic_shape("b")
   exp = jax_export.export(jax.jit(predict), platforms=PLATFORMS)(jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8))
   os.makedirs(out_dir, exist_ok=True)
+  from agejax import onnx_export
+  for stale in ("model.onnx", onnx_export.INT8_FILE):  # an earlier export's, of another network
+    if os.path.exists(os.path.join(out_dir, stale)):
+      os.remove(os.path.join(out_dir, stale))
   with open(os.path.join(out_dir, "model.jaxexport"), "wb") as f:
     f.write(exp.serialize())
   meta = {
@@ -88,7 +95,6 @@ def export_state(trainer, state, out_dir: str, provenance: dict[str, Any] | None
   with open(os.path.join(out_dir, "weights.msgpack"), "wb") as f:
     f.write(serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, stored)))
   meta["weights_file"] = "weights.msgpack"
-  from agejax import onnx_export
   if onnx:
     faces = check_faces if check_faces is not None else np.zeros((2, size, size, 3), np.uint8)
     meta["onnx"] = {**onnx_export.write(predict, size, out_dir, faces),
@@ -154,7 +160,7 @@ class ExportedModel:
     from agejax import onnx_export
     files = {"onnx": os.path.join(path, "model.onnx"), "onnx-int8": os.path.join(path, onnx_export.INT8_FILE)}
     if runtime in files and not os.path.exists(files[runtime]):
-      how = "--int8 static" if runtime == "onnx-int8" else "jax2onnx installed"
+      how = f"--int8 {onnx_export.INT8_MODES[0]}" if runtime == "onnx-int8" else "jax2onnx installed"
       raise FileNotFoundError(f"{path}: no {os.path.basename(files[runtime])}; export the model again with {how} "
                               "(python -m agejax.export ...), or use --runtime jax.")
     if runtime == "auto" and onnx_export.available():
@@ -211,7 +217,9 @@ def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None, de
   "calibration". The float model answers (model.onnx where there is one)."""
   from agejax import heldout
   runtime = "onnx" if os.path.exists(os.path.join(out_dir, "model.onnx")) and _onnx_available() else "jax"
-  fit = heldout.fit_on_validation(load(out_dir, runtime), datasets, data_dir, degradations=degradations, floor=floor)
+  fit = heldout.fit_on_validation(load(out_dir, runtime), datasets, data_dir, degradations=degradations,
+                                  floor=floor if degradations else None)
+  fit["fitted_with"] = f"runtime {runtime} (float32); the int8 model's distributions differ by rounding"
   return record_in_meta(out_dir, "calibration", fit)
 
 
@@ -279,19 +287,27 @@ def main(argv=None):
   flags.DEFINE_bool("onnx", None, "Also write model.onnx (default: where jax2onnx is installed).")
   flags.DEFINE_enum("int8", "none", ["none", *onnx_export.INT8_MODES], "Also write model.int8.onnx, quantised by ONNX "
                     "Runtime (static: activation ranges from training faces; dynamic: per batch), kept where its "
-                    "MAE on the validation splits is within 0.05 years of model.onnx's.")
+                    f"MAE on the validation splits is at most {onnx_export.INT8_MAE_TOLERANCE} years above model.onnx's.")
   flags.DEFINE_bool("calibrate", False, "Fit the 90% interval's temperature on the validation splits of the "
                     "datasets the model was trained on (agejax.calibration) and record it in model.json.")
   flags.DEFINE_list("calibrate_degradations", [], "With --calibrate: also fit on those validation faces degraded "
                     "(agejax.data.degrade names, e.g. blur,low_resolution,dark), each held to --coverage_floor.")
   flags.DEFINE_float("coverage_floor", 0.85, "With --calibrate_degradations: the coverage each degraded condition "
-                     "must reach on validation.")
+                     "must reach on validation.", lower_bound=0.0, upper_bound=1.0)
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):
     from agejax import cli, evaluate_lib, train_lib
-    from agejax.data import mixture
+    from agejax.data import degrade, mixture
     F = flags.FLAGS
+    if F.calibrate_degradations and not F.calibrate:
+      raise app.UsageError("--calibrate_degradations needs --calibrate.")
+    bad = [d for d in F.calibrate_degradations if d not in degrade.DEGRADATIONS]
+    if bad:
+      raise app.UsageError(f"--calibrate_degradations: unknown {bad}; choose from {', '.join(degrade.DEGRADATIONS)}.")
+    if F.calibrate and not F.config.dataset.eval_split:
+      raise app.UsageError("--calibrate fits on the validation splits, which this config (full_train) trains on; "
+                           "calibrate a model trained with a held-out validation split.")
     cli.setup_jax(F.config)
     trainer = train_lib.Trainer(F.config, F.workdir, with_data=False)  # the dataset may not be here
     state = evaluate_lib.load_checkpoint(trainer, F.workdir, F.checkpoint)
@@ -304,13 +320,6 @@ def main(argv=None):
     if F.int8 != "none":
       result["int8"] = quantize(out, F.config, F.int8)
     if F.calibrate:
-      if not F.config.dataset.eval_split:
-        raise app.UsageError("--calibrate fits on the validation splits, which this config (full_train) trains on; "
-                             "calibrate a model trained with a held-out validation split.")
-      from agejax.data import degrade
-      bad = [d for d in F.calibrate_degradations if d not in degrade.DEGRADATIONS]
-      if bad:
-        raise app.UsageError(f"--calibrate_degradations: unknown {bad}; choose from {', '.join(degrade.DEGRADATIONS)}.")
       result["calibration"] = calibrate(out, [spec.label for spec in mixture.sources(F.config.dataset)],
                                         F.config.dataset.data_dir or None, tuple(F.calibrate_degradations),
                                         F.coverage_floor)

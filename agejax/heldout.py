@@ -72,24 +72,25 @@ def open_split(name: str, split_kind: str = "test", data_dir: str | None = None)
 
 def fit_on_validation(model, names: list[str], data_dir: str | None = None, limit: int | None = None,
                       progress: bool = True, degradations: tuple[str, ...] = (), floor: float | None = None) -> dict:
-  """calibration.fit_temperature on the pooled validation splits of the datasets `names`, with
-  what it was fitted on; with `degradations` (`agejax.data.degrade` names) the same faces degraded
-  join the pool, and with `floor` each of those conditions must reach that coverage too."""
+  """calibration.fit_temperature on the pooled validation splits of the datasets `names` (their
+  intervals to hold 90%), with what it was fitted on; with `degradations` (`agejax.data.degrade`
+  names) and `floor`, the same faces under each degradation must also hold at least `floor`."""
   from agejax.reporting import Progress
-  probs, ages, groups, used = [], [], [], []
+  conditions = (CLEAN, *degradations)
+  probs: dict[str, list] = {c: [] for c in conditions}
+  ages, used = [], []
   for name in names:
     source, split = open_split(name, "validation", data_dir)
     faces, a = split_images(source, model.image_size, limit)
-    for condition in (CLEAN, *degradations):
+    for condition in conditions:
       bar = Progress(-(-len(faces) // 64), f"calibrate {name} {condition}", unit="batch", enabled=progress)
-      out = predict_raw(model, faces, condition, bar=bar)
+      probs[condition].append(predict_raw(model, faces, condition, bar=bar)["probs"])
       bar.close()
-      probs.append(out["probs"])
-      ages.append(a)
-      groups.append(np.full(len(a), condition, object))
+    ages.append(a)
     used.append(f"{name} {split} ({len(a)})")
-  fit = calibration.fit_temperature(np.concatenate(probs), model.grid, np.concatenate(ages),
-                                    groups=np.concatenate(groups) if degradations else None,
-                                    floor=floor if degradations else None)
+  ages = np.concatenate(ages)
+  also = {c: (np.concatenate(probs[c]), ages) for c in degradations}
+  fit = calibration.fit_temperature(np.concatenate(probs[CLEAN]), model.grid, ages,
+                                    also=also or None, floor=floor if also else None)
   fit["fitted_on"] = used + ([f"each also {', '.join(degradations)}"] if degradations else [])
   return fit

@@ -132,6 +132,9 @@ def test_int8_model_is_kept_within_the_tolerance_and_chosen_by_auto(exported, tm
   assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)  # weights stored as int8
   model = export.load(d)
   assert model.runtime == "onnx-int8"
+  with monkeypatch.context() as m:  # no ONNX Runtime: auto falls back to XLA
+    m.setattr(onnx_export, "available", lambda convert=False: False)
+    assert export.load(d).runtime == "jax"
   got = model.predict(faces, calibrated=False)["age"]
   assert rec["mae"]["int8"] == pytest.approx(np.mean(np.abs(got - ages)), abs=1e-3)
   monkeypatch.setattr(onnx_export, "INT8_MAE_TOLERANCE", -1.0)  # nothing is within a negative tolerance
@@ -140,6 +143,19 @@ def test_int8_model_is_kept_within_the_tolerance_and_chosen_by_auto(exported, tm
   assert export.load(d).runtime == "onnx"
   with pytest.raises(FileNotFoundError, match="model.int8.onnx"):
     export.load(d, runtime="onnx-int8")
+
+
+def test_a_new_export_leaves_no_earlier_onnx_files(exported, tmp_path):
+  """Exporting into a folder that holds an earlier model's ONNX files removes them (auto would run them)."""
+  import shutil
+  from agejax import export, onnx_export
+  trainer, state, path, _ = exported
+  d = str(tmp_path / "m")
+  shutil.copytree(path, d)
+  shutil.copy(os.path.join(d, "model.onnx"), os.path.join(d, onnx_export.INT8_FILE))
+  export.export_state(trainer, state, d, onnx=False)
+  assert not os.path.exists(os.path.join(d, "model.onnx")) and not os.path.exists(os.path.join(d, onnx_export.INT8_FILE))
+  assert export.load(d).runtime == "jax"
 
 
 def test_float32_weights_replaces_bfloat16_casts_exactly(tmp_path):

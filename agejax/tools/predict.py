@@ -28,13 +28,12 @@ import sys
 
 from absl import app, flags
 
-from agejax import faces
+from agejax import export, faces
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run with an export/ folder (python -m agejax.export ...).")
 flags.DEFINE_string("model", None, "An exported model folder (default: the bundled model, dlib's face ResNet with MTMSA's heads).")
-flags.DEFINE_enum("runtime", "auto", ["auto", "jax", "onnx", "onnx-int8"], "The network's runtime: onnx (ONNX Runtime, "
-                  "pip install 'agejax[onnx]'), jax (XLA), auto (onnx where installed and the model has model.onnx).")
+flags.DEFINE_enum("runtime", "auto", list(export.RUNTIMES), export.RUNTIME_HELP)
 flags.DEFINE_bool("aligned", False, "Inputs are already face chips: skip detection.")
 flags.DEFINE_bool("json", False, "Print one JSON line per file.")
 flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
@@ -42,7 +41,8 @@ flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
 flags.DEFINE_enum("detector", "auto", list(faces.DETECTORS), "Face detector: auto (hog, upsampled only on photos "
-                  "up to 800 px, and cnn on a shrunk photo where hog finds no face), hog (hog alone), cnn (finds the "
+                  f"up to {faces.SMALL_PHOTO_SIDE} px, and cnn on the photo shrunk to {faces.AUTO_CNN_MAX_SIDE} px where "
+                  "hog finds no face), hog (hog alone), cnn (finds the "
                   "most; 20-80x slower than hog), careful (hog on colour photos, cnn on gray or sepia ones and "
                   "where hog finds no face: more faded-print faces at the cnn's cost).")
 flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
