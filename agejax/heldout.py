@@ -74,23 +74,25 @@ def fit_on_validation(model, names: list[str], data_dir: str | None = None, limi
                       progress: bool = True, degradations: tuple[str, ...] = (), floor: float | None = None) -> dict:
   """calibration.fit_temperature on the pooled validation splits of the datasets `names` (their
   intervals to hold 90%), with what it was fitted on; with `degradations` (`agejax.data.degrade`
-  names) and `floor`, the same faces under each degradation must also hold at least `floor`."""
+  names) and `floor`, each dataset's faces, clean and under each degradation, must also hold at
+  least `floor` (the cells of a dataset x degradation table)."""
   from agejax.reporting import Progress
   conditions = (CLEAN, *degradations)
-  probs: dict[str, list] = {c: [] for c in conditions}
-  ages, used = [], []
+  clean, ages, used, also = [], [], [], {}
   for name in names:
     source, split = open_split(name, "validation", data_dir)
     faces, a = split_images(source, model.image_size, limit)
     for condition in conditions:
       bar = Progress(-(-len(faces) // 64), f"calibrate {name} {condition}", unit="batch", enabled=progress)
-      probs[condition].append(predict_raw(model, faces, condition, bar=bar)["probs"])
+      probs = predict_raw(model, faces, condition, bar=bar)["probs"]
       bar.close()
+      if condition == CLEAN:
+        clean.append(probs)
+      if degradations:
+        also[f"{name} {condition}"] = (probs, a)
     ages.append(a)
     used.append(f"{name} {split} ({len(a)})")
-  ages = np.concatenate(ages)
-  also = {c: (np.concatenate(probs[c]), ages) for c in degradations}
-  fit = calibration.fit_temperature(np.concatenate(probs[CLEAN]), model.grid, ages,
+  fit = calibration.fit_temperature(np.concatenate(clean), model.grid, np.concatenate(ages),
                                     also=also or None, floor=floor if also else None)
   fit["fitted_on"] = used + ([f"each also {', '.join(degradations)}"] if degradations else [])
   return fit

@@ -408,7 +408,8 @@ def test_mixture_train_evaluate_export_calibrate_and_robustness(tmp_path, two_da
   meta = json.load(open(os.path.join(exp["exported"], "model.json")))
   cal = meta["calibration"]
   assert cal["fitted_on"][0].startswith("folder validation") and cal["fitted_on"][1].startswith("utkface validation")
-  assert set(cal["also"]) == {"blur", "dark"} and cal["floor"] == 0.8
+  assert set(cal["also"]) == {f"{d} {c}" for d in ("folder", "utkface") for c in ("clean", "blur", "dark")}
+  assert cal["floor"] == 0.8
   top = cal["temperature"] == calibration_max_temperature()
   assert top or (all(after >= 0.8 for _, after in cal["also"].values()) and cal["coverage_after"] >= 0.9)
   assert meta["mixture"] == "folder:0.5,utkface:0.5"

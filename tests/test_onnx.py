@@ -123,6 +123,7 @@ def test_int8_model_is_kept_within_the_tolerance_and_chosen_by_auto(exported, tm
   shutil.copytree(path, d)
   ages = np.linspace(5, 60, len(faces)).astype(np.float32)
   monkeypatch.setattr(onnx_export, "INT8_MAE_TOLERANCE", 100.0)  # a 3-step network: int8 may move it a lot
+  monkeypatch.setattr(onnx_export, "INT8_STD_TOLERANCE", 100.0)
   rec = onnx_export.quantize(d, faces, faces, ages, "static")
   assert rec["kept"] and rec["file"] == onnx_export.INT8_FILE and rec["calibration_faces"] == len(faces)
   want = export.load(d, runtime="onnx").predict(faces, calibrated=False)["age"]
@@ -137,6 +138,11 @@ def test_int8_model_is_kept_within_the_tolerance_and_chosen_by_auto(exported, tm
     assert export.load(d).runtime == "jax"
   got = model.predict(faces, calibrated=False)["age"]
   assert rec["mae"]["int8"] == pytest.approx(np.mean(np.abs(got - ages)), abs=1e-3)
+  assert rec["quantised_ops"] == ["Conv"] and not any(n.op_type == "QLinearSoftmax" for n in graph.node)
+  monkeypatch.setattr(onnx_export, "INT8_STD_TOLERANCE", -1.0)  # spreads must not move: refused on them alone
+  rec = onnx_export.quantize(d, faces, faces, ages, "static")
+  assert not rec["kept"] and rec["std_mean_abs_change"] >= 0 and not os.path.exists(os.path.join(d, onnx_export.INT8_FILE))
+  monkeypatch.setattr(onnx_export, "INT8_STD_TOLERANCE", 100.0)
   monkeypatch.setattr(onnx_export, "INT8_MAE_TOLERANCE", -1.0)  # nothing is within a negative tolerance
   rec = onnx_export.quantize(d, faces, faces, ages, "dynamic")
   assert not rec["kept"] and rec["file"] is None and not os.path.exists(os.path.join(d, onnx_export.INT8_FILE))
