@@ -92,6 +92,28 @@ def _degrade(img: Image.Image, condition: str, rng: np.random.Generator) -> Imag
   return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
+def _place_faces(rng: np.random.Generator, canvas: Image.Image, chips: list[np.ndarray], k: int, want: int,
+                 faces: tuple[int, int], tries: int) -> tuple[list[tuple[int, int, int, int]], int]:
+  """Paste up to `want` chips (from chips[k] on, in turn) onto `canvas`, feathered, without overlap,
+  their faces `faces` px wide, in at most `tries` draws; (boxes of the pasted chips, the next k)."""
+  w, h = canvas.size
+  boxes: list[tuple[int, int, int, int]] = []
+  for _ in range(tries):
+    if len(boxes) == want:
+      break
+    side = int(rng.integers(faces[0], faces[1] + 1) / 0.6)  # the face fills about 60% of a UTKFace chip
+    if side >= min(w, h):
+      continue
+    x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+    box = (x, y, x + side, y + side)
+    if any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in boxes):
+      continue
+    canvas.paste(Image.fromarray(chips[k % len(chips)]).resize((side, side), Image.BILINEAR), (x, y), _feather(side))
+    k += 1
+    boxes.append(box)
+  return boxes, k
+
+
 def make_photos(chips: list[np.ndarray], photos_per_condition: int = 6, faces_per_photo: int = 5,
                 size: tuple[int, int] = (640, 480), seed: int = 0,
                 conditions: Iterable[str] = tuple(CONDITIONS)) -> list[Photo]:
@@ -103,21 +125,7 @@ def make_photos(chips: list[np.ndarray], photos_per_condition: int = 6, faces_pe
     lo, hi = CONDITIONS[condition]
     for _ in range(photos_per_condition):
       canvas = _background(rng, w, h)
-      boxes: list[tuple[int, int, int, int]] = []
-      for _ in range(faces_per_photo * 20):  # tries to place faces without overlap
-        if len(boxes) == faces_per_photo:
-          break
-        side = int(rng.integers(lo, hi + 1) / 0.6)  # the face fills about 60% of a UTKFace chip
-        if side >= min(w, h):
-          continue
-        x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-        box = (x, y, x + side, y + side)
-        if any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in boxes):
-          continue
-        chip = Image.fromarray(chips[k % len(chips)]).resize((side, side), Image.BILINEAR)
-        k += 1
-        canvas.paste(chip, (x, y), _feather(side))
-        boxes.append(box)
+      boxes, k = _place_faces(rng, canvas, chips, k, faces_per_photo, (lo, hi), faces_per_photo * 20)
       out.append(Photo(condition, np.asarray(_degrade(canvas, condition, rng)), boxes))
   return out
 
@@ -132,21 +140,7 @@ def make_scans(chips: list[np.ndarray], count: int, seed: int = 0) -> list[Photo
     long_side = int(rng.integers(320, 641))
     w, h = (long_side, long_side * 3 // 4) if rng.random() < 0.5 else (long_side * 3 // 4, long_side)
     canvas = _background(rng, w, h)
-    boxes: list[tuple[int, int, int, int]] = []
-    want = int(rng.integers(1, 4))
-    for _ in range(60):
-      if len(boxes) == want:
-        break
-      side = int(rng.integers(SCAN_FACES[0], SCAN_FACES[1] + 1) / 0.6)
-      if side >= min(w, h):
-        continue
-      x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-      box = (x, y, x + side, y + side)
-      if any(not (box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]) for b in boxes):
-        continue
-      canvas.paste(Image.fromarray(chips[k % len(chips)]).resize((side, side), Image.BILINEAR), (x, y), _feather(side))
-      k += 1
-      boxes.append(box)
+    boxes, k = _place_faces(rng, canvas, chips, k, int(rng.integers(1, 4)), SCAN_FACES, 60)
     condition = SCAN_CONDITIONS[n % 2]
     gray = ImageOps.grayscale(canvas).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.0))))
     a = np.asarray(gray, np.float32) / 255 * rng.uniform(0.7, 0.9) + rng.uniform(0.05, 0.15)  # faded

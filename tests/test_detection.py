@@ -103,6 +103,23 @@ def test_hard_photos_place_real_faces_and_degrade_them():
       assert (p.rgb[..., 0].astype(int) - p.rgb[..., 2]).mean() > 20  # sepia
 
 
+def test_scans_are_seeded_monochrome_album_photos():
+  rng = np.random.default_rng(2)
+  chips = [rng.integers(0, 255, (200, 200, 3), dtype=np.uint8) for _ in range(4)]
+  scans = hard_photos.make_scans(chips, 6, seed=5)
+  assert all(np.array_equal(p.rgb, q.rgb) for p, q in zip(scans, hard_photos.make_scans(chips, 6, seed=5)))
+  assert [p.condition for p in scans] == ["gray_scan", "sepia_scan"] * 3
+  for p in scans:
+    h, w = p.rgb.shape[:2]
+    assert 320 <= max(h, w) <= 640 and min(h, w) == max(h, w) * 3 // 4 and 1 <= len(p.faces) <= 3
+    for i, f in enumerate(p.faces):
+      assert 0 <= f[0] < f[2] <= w and 0 <= f[1] < f[3] <= h
+      assert hard_photos.SCAN_FACES[0] / 0.6 - 1 <= f[2] - f[0] <= hard_photos.SCAN_FACES[1] / 0.6 + 1
+      assert all(f[2] <= g[0] or g[2] <= f[0] or f[3] <= g[1] or g[3] <= f[1] for g in p.faces[i + 1:])
+    tint = (p.rgb[..., 0].astype(int) - p.rgb[..., 2]).mean()
+    assert (tint > 15) == (p.condition == "sepia_scan") and faces.is_monochrome(p.rgb)
+
+
 def test_matching_counts_each_face_once():
   faces_ = [(0, 0, 100, 100), (200, 0, 300, 100)]
   assert hard_photos.match(faces_, [(20, 20, 80, 80), (25, 25, 85, 85), (210, 10, 290, 90)]) == (2, 1)
