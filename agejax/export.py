@@ -7,6 +7,7 @@
                              real faces before the export finishes (where jax2onnx is installed)
     export/model.int8.onnx   model.onnx quantised to int8 by ONNX Runtime's tools (`--int8 static`),
                              kept where its validation MAE is at most 0.05 years above float's
+                             and its stds within 0.1 years on average
     export/weights.msgpack   the network's variables (flax msgpack: no pickle), to make other
                              formats later without retraining
     export/model.json        image size, label grid, preprocessing, heads, provenance, the ONNX check,
@@ -30,7 +31,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for each, on any host: the artifac
 
 
 RUNTIMES = ("auto", "jax", "onnx", "onnx-int8")
-# auto: the int8 ONNX model where the export kept one (onnx_export.INT8_MAE_TOLERANCE), else model.onnx,
+# auto: the int8 ONNX model where the export kept one (within onnx_export's INT8_*_TOLERANCE), else model.onnx,
 # in ONNX Runtime where it is installed; else the jax.export artifact.
 RUNTIME_HELP = ("The network's runtime: onnx-int8 / onnx (ONNX Runtime on model.int8.onnx / model.onnx, pip install "
                 "'agejax[onnx]'), jax (XLA), auto (onnx-int8 where the model has it and ONNX Runtime is installed, "
@@ -287,13 +288,14 @@ def main(argv=None):
   flags.DEFINE_bool("onnx", None, "Also write model.onnx (default: where jax2onnx is installed).")
   flags.DEFINE_enum("int8", "none", ["none", *onnx_export.INT8_MODES], "Also write model.int8.onnx, quantised by ONNX "
                     "Runtime (static: activation ranges from training faces; dynamic: per batch), kept where its "
-                    f"MAE on the validation splits is at most {onnx_export.INT8_MAE_TOLERANCE} years above model.onnx's.")
+                    f"MAE on the validation splits is at most {onnx_export.INT8_MAE_TOLERANCE} years above model.onnx's "
+                    f"and its stds within {onnx_export.INT8_STD_TOLERANCE} years on average.")
   flags.DEFINE_bool("calibrate", False, "Fit the 90% interval's temperature on the validation splits of the "
                     "datasets the model was trained on (agejax.calibration) and record it in model.json.")
   flags.DEFINE_list("calibrate_degradations", [], "With --calibrate: also fit on those validation faces degraded "
                     "(agejax.data.degrade names, e.g. blur,low_resolution,dark), each held to --coverage_floor.")
-  flags.DEFINE_float("coverage_floor", 0.85, "With --calibrate_degradations: the coverage each degraded condition "
-                     "must reach on validation.", lower_bound=0.0, upper_bound=1.0)
+  flags.DEFINE_float("coverage_floor", 0.85, "With --calibrate_degradations: the coverage each dataset's validation "
+                     "faces, clean and under each degradation, must reach.", lower_bound=0.0, upper_bound=1.0)
   config_flags.DEFINE_config_file("config", None, "The config the model was trained with.", lock_config=True)
 
   def run(_):

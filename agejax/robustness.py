@@ -91,8 +91,9 @@ def main(argv=None):
   ap.add_argument("--limit", type=int, default=0, help="at most this many faces per dataset (0: all)")
   ap.add_argument("--data_dir", default=None)
   ap.add_argument("--out", default=None, help="folder for robustness.json and .md (default: print only)")
-  a = ap.parse_args(argv)
   from agejax import export, predict_lib
+  ap.add_argument("--runtime", default="auto", choices=list(export.RUNTIMES), help=export.RUNTIME_HELP)
+  a = ap.parse_args(argv)
   from agejax.data import builders
   degs = [CLEAN, *degrade.DEGRADATIONS] if a.degradations == "all" else [d.strip() for d in a.degradations.split(",")]
   bad = [d for d in degs if d != CLEAN and d not in degrade.DEGRADATIONS]
@@ -101,7 +102,7 @@ def main(argv=None):
           file=sys.stderr)
     return 2
   try:
-    model = export.load(a.model or predict_lib.DEFAULT_MODEL)
+    model = export.load(a.model or predict_lib.DEFAULT_MODEL, a.runtime)
     names = [n.strip() for n in a.datasets.split(",") if n.strip()]
     fit = None
     if a.calibrate_on:
@@ -113,7 +114,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError, builders.BadInputError, builders.DatasetNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  md = table(cells)
+  md = table(cells) + f"Runtime: {model.runtime}.\n"
   if temperature is not None:
     md += f"Temperature {temperature:.3f}" + (f", fitted on {', '.join(fit['fitted_on'])}" if fit else
                                               " (the model's own)") + ".\n"
@@ -121,7 +122,7 @@ def main(argv=None):
   if a.out:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "robustness.json"), "w") as f:
-      json.dump({"model": a.model or "bundled", "temperature": temperature, "calibration_fit": fit, "cells": cells},
+      json.dump({"model": a.model or "bundled", "runtime": model.runtime, "temperature": temperature, "calibration_fit": fit, "cells": cells},
                 f, indent=1)
     with open(os.path.join(a.out, "robustness.md"), "w") as f:
       f.write(md)
