@@ -55,8 +55,12 @@ def write(predict: Callable, image_size: int, out_dir: str, faces: np.ndarray) -
   names = output_names(predict, image_size)
 
   def fn(images):  # one call of predict: jax2onnx writes every call's graph, with no common-subexpression pass
-    out = predict(images)
-    return tuple(out[k] for k in names)
+    out, seen, outputs = predict(images), set(), []
+    for k in names:  # an ONNX value has one name: an output that is another output's value gets its own
+      v = out[k]
+      outputs.append(v + jnp.zeros_like(v) if id(v) in seen else v)
+      seen.add(id(v))
+    return tuple(outputs)
 
   proto = jax2onnx.to_onnx(fn, [_uint8_spec(image_size)], model_name="agejax", opset=OPSET,
                            input_names=["images"], output_names=names)

@@ -128,6 +128,7 @@ class IoUTracker:
 class _Track:
   frames: list[int] = dataclasses.field(default_factory=list)
   probs: list[np.ndarray] = dataclasses.field(default_factory=list)
+  ages: list[float] = dataclasses.field(default_factory=list)
   gender: list[np.ndarray] = dataclasses.field(default_factory=list)
   race: list[np.ndarray] = dataclasses.field(default_factory=list)
 
@@ -145,7 +146,8 @@ def analyse(model, path: str, every: int = 0, aligner: faces_lib.FaceAligner | N
 
   Returns {"file", "fps", "width", "height", "frames", "every", "tracks": [...], "frame_faces": [...]}:
   a track is {"track", "first_frame", "last_frame", "first_time", "last_time", "frames_seen",
-  "age", "std", "interval90"[, "gender", "race"]} from the averaged distribution; frame_faces
+  "age" (the mean of its frames' ages, each the network's expectation), "std", "interval90"[, "gender",
+  "race"]} from the averaged (calibrated) distribution; frame_faces
   has {"frame", "time", "faces": [{"track", "box", "age", "std", "interval90", ...}]} for every
   sampled frame, each face as the network saw it in that frame.
   """
@@ -167,6 +169,7 @@ def analyse(model, path: str, every: int = 0, aligner: faces_lib.FaceAligner | N
         t = tracks.setdefault(track_id, _Track())
         t.frames.append(rec["frame"])
         t.probs.append(p.pop("probs"))
+        t.ages.append(float(p["age"]))
         if "gender_probs" in p:
           t.gender.append(p.pop("gender_probs"))
         if "race_probs" in p:
@@ -198,7 +201,7 @@ def analyse(model, path: str, every: int = 0, aligner: faces_lib.FaceAligner | N
     low, high = (float(v) for v in ldl.central_interval(mean, model.grid, 0.9))
     rec = {"track": track_id, "first_frame": t.frames[0], "last_frame": t.frames[-1],
            "first_time": round(t.frames[0] / fps, 3), "last_time": round(t.frames[-1] / fps, 3),
-           "frames_seen": len(t.frames), "age": float(ldl.expectation(mean, model.grid)),
+           "frames_seen": len(t.frames), "age": float(np.mean(t.ages)),
            "std": float(ldl.distribution_std(mean, model.grid)), "interval90": (low, high)}
     for key, values, names in (("gender", t.gender, "gender_names"), ("race", t.race, "race_names")):
       if values:
