@@ -216,17 +216,11 @@ def calibrate(out_dir: str, datasets: list[str], data_dir: str | None = None, de
   `degradations`, on those faces degraded, each condition held to `floor`: `heldout.fit_on_validation`)
   and record it, with what it was fitted on and the coverage before and after, as model.json's
   "calibration". The float model answers (model.onnx where there is one)."""
-  from agejax import heldout
-  runtime = "onnx" if os.path.exists(os.path.join(out_dir, "model.onnx")) and _onnx_available() else "jax"
-  fit = heldout.fit_on_validation(load(out_dir, runtime), datasets, data_dir, degradations=degradations,
-                                  floor=floor if degradations else None)
+  from agejax import heldout, onnx_export
+  runtime = "onnx" if os.path.exists(os.path.join(out_dir, "model.onnx")) and onnx_export.available() else "jax"
+  fit = heldout.fit_on_validation(load(out_dir, runtime), datasets, data_dir, degradations=degradations, floor=floor)
   fit["fitted_with"] = f"runtime {runtime} (float32); the int8 model's distributions differ by rounding"
   return record_in_meta(out_dir, "calibration", fit)
-
-
-def _onnx_available() -> bool:
-  from agejax import onnx_export
-  return onnx_export.available()
 
 
 def record_in_meta(out_dir: str, key: str, value: dict) -> dict:

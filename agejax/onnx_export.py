@@ -97,7 +97,6 @@ def float32_weights(model) -> int:
   """Replace each Cast of a bfloat16 weight to float32 by the float32 weight itself (exact: every
   bfloat16 value is a float32 value), so that quantisation sees the weights as constants. Returns
   how many Casts went."""
-  import ml_dtypes
   from onnx import TensorProto, numpy_helper
   inits = {i.name: i for i in model.graph.initializer}
   done = 0
@@ -106,7 +105,7 @@ def float32_weights(model) -> int:
     to = next((a.i for a in node.attribute if a.name == "to"), None)
     if src is None or src.data_type != TensorProto.BFLOAT16 or to != TensorProto.FLOAT:
       continue
-    weight = np.asarray(numpy_helper.to_array(src)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    weight = np.asarray(numpy_helper.to_array(src)).astype(np.float32)  # to_array gives ml_dtypes' bfloat16
     model.graph.initializer.append(numpy_helper.from_array(weight, node.output[0]))
     model.graph.node.remove(node)
     done += 1
