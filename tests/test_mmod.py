@@ -1,0 +1,103 @@
+"""agejax.mmod, dlib's CNN face detector read and run without dlib: the same boxes and scores as
+dlib's own on photos whose faces sit on several pyramid levels, ONNX Runtime and XLA agreeing,
+and the file reader's errors."""
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter, ImageOps
+
+dlib = pytest.importorskip("dlib")
+pytest.importorskip("face_recognition_models")
+
+from agejax import mmod, pretrained  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def photos():
+  """The astronaut as she is (512 px), and a 640x480 collage of her head at five sizes (faces of
+  about 45-115 px: on pyramid levels 0-2, and two too small to find), one copy gray and blurred."""
+  from skimage import data
+  a = Image.fromarray(data.astronaut())
+  head = a.crop((110, 0, 330, 230))
+  canvas = Image.new("RGB", (640, 480), (90, 110, 130))
+  for size, at, old in ((260, (0, 0), False), (200, (300, 10), True), (150, (20, 300), False), (120, (330, 300), False),
+                        (100, (500, 250), False)):
+    face = head.resize((size, size), Image.BILINEAR)
+    if old:
+      face = ImageOps.grayscale(face).filter(ImageFilter.GaussianBlur(1.0)).convert("RGB")
+    canvas.paste(face, at)
+  return [np.asarray(a), np.asarray(canvas)]
+
+
+@pytest.fixture(scope="module")
+def detector():
+  pytest.importorskip("onnxruntime")
+  pytest.importorskip("onnx")
+  return mmod.MMODDetector(runtime="onnx")
+
+
+def test_boxes_and_scores_are_dlibs(photos, detector):
+  import face_recognition_models
+  net = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
+  total = 0
+  for rgb in photos:
+    theirs = [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence) for d in net(rgb, 0)]
+    ours = detector(rgb)
+    assert len(ours) == len(theirs)
+    for (box, score), (their_box, their_score) in zip(sorted(ours), sorted(theirs)):
+      assert np.abs(np.subtract(box, their_box)).max() <= 1, (box, their_box)
+      assert abs(score - their_score) < 0.02
+    total += len(theirs)
+  assert total == 4  # the astronaut, and the three largest copies
+
+
+def test_pyramid_levels_shrink_by_five_sixths_and_do_not_overlap():
+  rects, (rows, cols) = mmod.pyramid_layout(480, 640)
+  sizes = [(b - t + 1, r - l + 1) for l, t, r, b in rects]
+  assert sizes[0] == (480, 640) and sizes[1] == (400, 533) and sizes[-1][0] >= mmod.MIN_LEVEL_HEIGHT
+  assert all(h1 == int(h0 * 5 / 6) for (h0, _), (h1, _) in zip(sizes, sizes[1:]))
+  assert cols == 640 + 2 * 11 and all(0 <= l and r < cols and 0 <= t and b < rows for l, t, r, b in rects)
+  for i, a in enumerate(rects):
+    for b in rects[i + 1:]:
+      assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
+
+
+def test_onnx_runtime_and_xla_compute_the_same_scores(photos, detector):
+  small = np.asarray(Image.fromarray(photos[1]).resize((320, 240), Image.BILINEAR))
+  onnx_scores, rects = detector.scores(small)
+  jax_scores, _ = mmod.MMODDetector(runtime="jax").scores(small)
+  assert onnx_scores.shape == jax_scores.shape
+  np.testing.assert_allclose(onnx_scores, jax_scores, atol=2e-3)
+
+
+def test_boxes_from_scores_maps_windows_to_levels_and_suppresses_overlaps():
+  weights = mmod.MMODWeights(convs=(), mean=(0, 0, 0), window=(80, 80), nms_iou=0.3, nms_covered=1.0)
+  rects, (rows, cols) = mmod.pyramid_layout(480, 640)
+  scores = np.full(((rows - 14) // 8 + 1, (cols - 14) // 8 + 1), -1.0, np.float32)
+  scores[10, 10] = 2.0   # level 0 at (94, 94): the window (54.5, 54.5)-(133.5, 133.5) less the outer padding
+  scores[10, 11] = 1.0   # 8 px to the right: the same face, suppressed
+  scores[10, 30] = 0.5   # 160 px further: another face
+  found = mmod.boxes_from_scores(scores, rects, weights)
+  assert [s for _, s in found] == [2.0, 0.5]
+  assert found[0][0] == (44, 44, 123, 123)  # 43.5 and 122.5 round up, as dlib rounds
+  level1 = rects[1]  # a window inside level 1 maps up by 6/5 (+0.3)
+  r, c = (level1[1] + 60 - 14) // 8, (level1[0] + 60 - 14) // 8
+  scores[:] = -1
+  scores[r, c] = 1.0
+  (box, _), = mmod.boxes_from_scores(scores, rects, weights)
+  x = 8 * c + 14 - level1[0]
+  assert box[0] == int(np.floor((x - 39.5) * 1.2 + 0.3 + 0.5)) and box[2] == int(np.floor((x + 39.5) * 1.2 + 0.3 + 0.5))
+  assert box[1] == int(np.floor((8 * r + 14 - level1[1] - 39.5) * 1.2 + 0.3 + 0.5))
+
+
+def test_reader_names_the_file_and_what_it_found(tmp_path):
+  path = mmod.default_path()
+  data = open(path, "rb").read()
+  cut = tmp_path / "cut.dat"
+  cut.write_bytes(data[:len(data) // 2])
+  with pytest.raises(pretrained.DlibFormatError, match="ends after .* expected dlib's CNN face detector"):
+    mmod.read_mmod(str(cut))
+  with pytest.raises(pretrained.DlibFormatError, match="loss layer 'loss_metric_2', expected loss_mmod_"):
+    mmod.read_mmod(pretrained.default_path())
+  with pytest.raises(ValueError, match="uint8 RGB"):
+    mmod.MMODDetector(runtime="jax")(np.zeros((10, 10), np.uint8))
