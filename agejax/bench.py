@@ -138,42 +138,62 @@ def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: in
           "images_per_s": round(rate, 1)}
 
 
+def _scan_photos(utkface: str, count: int):
+  """`count` of agejax.hard_photos' album scans of UTKFace test faces (labels.csv beside the archive
+  names the test split)."""
+  from agejax import hard_photos
+  names = hard_photos.utkface_test_names(os.path.join(os.path.dirname(utkface), "labels.csv"))
+  return hard_photos.make_scans(hard_photos.utkface_chips(utkface, 3 * count, names), count)
+
+
 def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "auto",
-                 runtime: str = "auto") -> dict:
-  """Photos/s and faces/s of `predict` (`predict_lib.predict_files`) over a folder of `count` images
-  built from scikit-image's astronaut photo: 200 px face chips (--aligned) or the whole
-  512 px photo, each shifted, mirrored and brightened a little so no two files are the same;
-  detection by `detector` in `workers` processes (0: in this one); the network in `runtime`
-  (`agejax.export.RUNTIMES`)."""
+                 runtime: str = "auto", photo_set: str = "astronaut", utkface: str | None = None) -> dict:
+  """Photos/s and faces/s of `predict` (`predict_lib.predict_files`) over a folder of `count` images:
+  `photo_set` "astronaut": built from scikit-image's astronaut photo, 200 px face chips (--aligned)
+  or the whole 512 px photo, each shifted, mirrored and brightened a little so no two files are the
+  same; "scans": agejax.hard_photos' monochrome album scans of UTKFace test faces (from `utkface`),
+  with the faces placed and found (hard_photos.match). Detection by `detector` in `workers`
+  processes (0: in this one); the network in `runtime` (`agejax.export.RUNTIMES`)."""
   import tempfile
 
   import numpy as np
   from PIL import Image
   from skimage import data
 
-  from agejax import export, faces, predict_lib
+  from agejax import export, faces, hard_photos, predict_lib
   model = export.load(model_dir or predict_lib.DEFAULT_MODEL, runtime)
-  photo = data.astronaut()
   aligner = None if aligned else faces.FaceAligner(detector=detector)
-  base = faces.FaceAligner()(photo)[0].chip if aligned else photo
+  scans = _scan_photos(utkface, count) if photo_set == "scans" else None
+  if scans is None:
+    photo = data.astronaut()
+    base = faces.FaceAligner()(photo)[0].chip if aligned else photo
   rng = np.random.RandomState(0)
   with tempfile.TemporaryDirectory() as d:
     paths = []
     for i in range(count):
-      img = np.roll(base, (rng.randint(-4, 5), rng.randint(-4, 5)), axis=(0, 1))
-      img = np.clip(img.astype(np.int16) + rng.randint(-20, 21), 0, 255).astype(np.uint8)
-      img = img[:, ::-1] if i % 2 else img
-      paths.append(os.path.join(d, f"{i:04d}.jpg"))
-      Image.fromarray(img).save(paths[-1], quality=92)
+      if scans is not None:
+        img = scans[i].rgb
+      else:
+        img = np.roll(base, (rng.randint(-4, 5), rng.randint(-4, 5)), axis=(0, 1))
+        img = np.clip(img.astype(np.int16) + rng.randint(-20, 21), 0, 255).astype(np.uint8)
+        img = img[:, ::-1] if i % 2 else img
+      paths.append(os.path.join(d, f"{i:04d}.{'png' if scans else 'jpg'}"))
+      Image.fromarray(img).save(paths[-1], **({} if scans else {"quality": 92}))
     list(predict_lib.predict_files(model, paths[:2], aligned=aligned, aligner=aligner))  # compile
     t = time.perf_counter()  # worker start-up included: it is part of what a user waits for
-    n_faces = sum(len(r.get("faces", [])) for r in predict_lib.predict_files(
-        model, paths, aligned=aligned, aligner=aligner, workers=workers, keep_photo=False))
+    records = list(predict_lib.predict_files(model, paths, aligned=aligned, aligner=aligner, workers=workers,
+                                             keep_photo=False))
     seconds = time.perf_counter() - t
-  return {"mode": "predict", "runtime": model.runtime, "model": model.meta.get("model"), "image_size": model.image_size,
-          "aligned": aligned, "detector": None if aligned else detector, "workers": workers, "photos": count,
-          "faces": n_faces, "photos_per_s": round(count / seconds, 2), "faces_per_s": round(n_faces / seconds, 2),
-          "cpus": os.cpu_count()}
+  n_faces = sum(len(r.get("faces", [])) for r in records)
+  out = {"mode": "predict", "photos_set": photo_set, "runtime": model.runtime, "model": model.meta.get("model"),
+         "image_size": model.image_size, "aligned": aligned, "detector": None if aligned else detector,
+         "workers": workers, "photos": count, "faces": n_faces, "photos_per_s": round(count / seconds, 2),
+         "faces_per_s": round(n_faces / seconds, 2), "seconds": round(seconds, 1), "cpus": os.cpu_count()}
+  if scans is not None:
+    placed = sum(len(p.faces) for p in scans)
+    found = sum(hard_photos.match(p.faces, [f["box"] for f in r.get("faces", [])])[0] for p, r in zip(scans, records))
+    out.update(faces_placed=placed, faces_found=found, recall=round(found / placed, 3))
+  return out
 
 
 def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], photo_set: str = "hard") -> dict:
@@ -219,8 +239,10 @@ def main(argv=None):
                   "onnx and onnx-int8, and the ratios to jax")
   ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
-  ap.add_argument("--photos", default="hard", choices=["hard", "scans"], help="detect mode: hard_photos' group "
-                  "photos, or its monochrome scans of UTKFace test faces")
+  ap.add_argument("--photos", default=None, choices=["astronaut", "hard", "scans"],
+                  help="predict mode: astronaut (default) or scans (--count of hard_photos' album scans of "
+                  "UTKFace test faces, faces found counted); detect mode: hard (default: hard_photos' group "
+                  "photos) or scans")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
                   help="detect mode: detector:upsample, comma-separated")
   ap.add_argument("--batches", type=int, default=40, help="pipeline mode: batches timed")
@@ -230,12 +252,16 @@ def main(argv=None):
   ap.add_argument("--ops", default="auto", choices=list(models.ops.KINDS),
                   help="train/infer modes: the layers (auto: XLA:CPU's on one CPU device, else plain Flax)")
   a = ap.parse_args(argv)
+  utkface = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")
   if a.mode == "predict":
+    if a.photos == "hard":
+      ap.error("--photos hard is detect mode's; predict mode measures astronaut or scans")
     runtimes = {"both": ["jax", "onnx"], "all": ["jax", "onnx", "onnx-int8"]}.get(a.runtime, [a.runtime])
     rows = []
     for r in runtimes:  # a runtime the model lacks after the first is skipped, so the others' rows stay
       try:
-        rows.append(predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector, r))
+        rows.append(predict_rate(a.model_dir, a.aligned, a.count, a.workers, a.detector, r, a.photos or "astronaut",
+                                 utkface))
       except (FileNotFoundError, ImportError) as e:
         print(f"{'skipped' if rows else 'error'}: {e}", file=sys.stderr)
         if not rows:
@@ -248,8 +274,9 @@ def main(argv=None):
       print(json.dumps({"mode": "predict", **ratios}))
     return
   if a.mode == "detect":
-    archive = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")
-    print(json.dumps(detect_recall(archive, a.per_condition, a.configs.split(","), a.photos)))
+    if a.photos == "astronaut":
+      ap.error("--photos astronaut is predict mode's; detect mode measures hard or scans")
+    print(json.dumps(detect_recall(utkface, a.per_condition, a.configs.split(","), a.photos or "hard")))
     return
   if a.mode == "pipeline":
     print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))

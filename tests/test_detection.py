@@ -58,7 +58,7 @@ def _spied(aligner, monkeypatch):
   return hog, cnn
 
 
-def test_auto_runs_the_cnn_on_every_photo_and_hog_only_on_large_ones(astronaut_small, monkeypatch):
+def test_auto_runs_the_cnn_on_every_photo_and_hog_where_it_finds_none_or_the_photo_is_large(astronaut_small, monkeypatch):
   colour, old = astronaut_small
   auto = faces.FaceAligner(detector="auto")
   hog, cnn = _spied(auto, monkeypatch)
@@ -72,7 +72,10 @@ def test_auto_runs_the_cnn_on_every_photo_and_hog_only_on_large_ones(astronaut_s
   medium = np.asarray(Image.fromarray(colour).resize((600, 600), Image.BILINEAR))
   cnn.calls.clear(), hog.calls.clear()
   auto.detect(medium)
-  assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == []
+  assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == []  # the CNN found her: no HOG
+  cnn.calls.clear()
+  assert auto.detect(np.full((300, 400, 3), 128, np.uint8)) == []
+  assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == [(1,)]  # none found: HOG, upsampled
 
 
 def test_without_the_fast_cnn_auto_runs_hog_first_and_dlibs_cnn_only_where_it_finds_none(astronaut_small, monkeypatch):

@@ -331,6 +331,34 @@ def test_bench_predict_mode_counts_the_faces_detection_finds():
   assert r["faces_per_s"] == pytest.approx(r["photos_per_s"], rel=0.02)
 
 
+def test_bench_predict_on_scans_counts_the_placed_faces_it_finds(tmp_path):
+  """Album scans of UTKFace test chips (here the astronaut's chip, three times): the faces placed,
+  those the pipeline found at their places, and recall = found / placed."""
+  pytest.importorskip("skimage")
+  pytest.importorskip("dlib")
+  import io
+  import tarfile
+
+  from PIL import Image
+  from skimage import data
+
+  from agejax import bench, faces
+  chip = faces.FaceAligner()(data.astronaut())[0].chip
+  names = [f"{30 + i}_1_0_2017010{i}.jpg.chip.jpg" for i in range(3)]
+  with tarfile.open(tmp_path / "UTKFace.tar.gz", "w:gz") as tar:
+    for i, name in enumerate(names):
+      buf = io.BytesIO()
+      Image.fromarray(chip if i % 2 else chip[:, ::-1]).save(buf, format="JPEG", quality=95)
+      info = tarfile.TarInfo(f"UTKFace/{name}")
+      info.size = len(buf.getvalue())
+      tar.addfile(info, io.BytesIO(buf.getvalue()))
+  (tmp_path / "labels.csv").write_text("filename,split\n" + "".join(f"{n},test\n" for n in names))
+  r = bench.predict_rate(None, aligned=False, count=3, photo_set="scans", utkface=str(tmp_path / "UTKFace.tar.gz"))
+  placed = sum(len(p.faces) for p in bench._scan_photos(str(tmp_path / "UTKFace.tar.gz"), 3))
+  assert r["photos_set"] == "scans" and r["photos"] == 3 and r["faces_placed"] == placed >= 3
+  assert r["faces_found"] == placed and r["recall"] == 1.0 and r["faces"] == placed
+
+
 def test_face_suite_entries_configure_what_their_names_say():
   import importlib.util
   spec = importlib.util.spec_from_file_location("utk_cfg2", os.path.join(experiments.ROOT, "configs", "utkface.py"))

@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("imageio_ffmpeg")
 pytest.importorskip("dlib")
 
-from agejax import export, predict_lib, video  # noqa: E402
+from agejax import export, faces, predict_lib, video  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +70,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def result(model, clip):
-  return video.analyse(model, str(clip), every=2)
+  # HOG (upsampled) finds both 52-80 px faces in every frame; the default CNN misses one near its
+  # smallest size in a few: tracking, not detection, is under test here
+  return video.analyse(model, str(clip), every=2, aligner=faces.FaceAligner(detector="hog"))
 
 
 def test_each_person_is_one_track_with_the_average_age(result):
@@ -119,8 +121,8 @@ def test_bad_videos_are_named(model, tmp_path):
 @pytest.mark.slow
 def test_predict_cli_on_a_video(clip, tmp_path):
   (tmp_path / "junk.avi").write_text("not a video")
-  run = lambda *a: subprocess.run([sys.executable, "predict.py", *a], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=600)
+  run = lambda *a: subprocess.run([sys.executable, "predict.py", "--detector", "hog", *a], cwd=ROOT,  # as `result`
+                                  capture_output=True, text=True, timeout=600)
   p = run(str(clip), "--every", "4", "--json")
   assert p.returncode == 0, p.stderr
   rec = json.loads(p.stdout.strip().splitlines()[-1])
