@@ -393,3 +393,18 @@ def test_agejax_command_names_its_subcommands_and_refuses_others():
   assert command.main([]) == 2 and command.main(["--help"]) == 0
   assert command.main(["nope"]) == 2
   assert set(command.COMMANDS) >= {"train", "evaluate", "predict", "export", "build", "demo", "bench"}
+
+
+def test_ensemble_compares_each_model_with_the_mean_of_their_ages(tmp_path, capsys):
+  from agejax import ensemble
+  header = "file,true_age,predicted_age,predicted_std\n"
+  (tmp_path / "a.csv").write_text(header + "x.jpg,10,12,1\ny.jpg,20,18,1\nz.jpg,30,30,1\n")
+  (tmp_path / "b.csv").write_text(header + "x.jpg,10,8,1\ny.jpg,20,22,1\nz.jpg,30,33,1\n")
+  assert ensemble.main([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+  r = json.loads(capsys.readouterr().out)
+  assert r["faces"] == 3 and r["mae"] == [pytest.approx(4 / 3, abs=1e-4), pytest.approx(7 / 3, abs=1e-4)]
+  assert r["mae_of_mean"] == pytest.approx((0 + 0 + 1.5) / 3, abs=1e-4)  # opposite errors cancel
+  assert r["error_correlation"][0][1] < 0
+  (tmp_path / "c.csv").write_text(header + "y.jpg,20,18,1\nx.jpg,10,12,1\nz.jpg,30,30,1\n")
+  assert ensemble.main([str(tmp_path / "a.csv"), str(tmp_path / "c.csv")]) == 1
+  assert "other faces (or another order)" in capsys.readouterr().err
