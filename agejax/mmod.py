@@ -256,6 +256,13 @@ def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold
 
 # --------------------------------------------------------------------------- the network
 
+def output_size(n: int, weights: MMODWeights) -> int:
+  """The score map's size along an input side of n pixels."""
+  for kernel, _, stride, pad in weights.convs:
+    n = (n + 2 * pad - kernel.shape[-1]) // stride + 1
+  return n
+
+
 def onnx_model(weights: MMODWeights) -> bytes:
   """The network as a serialized ONNX model: input "x" (1, 3, H, W) float32, output "scores"
   (1, 1, H', W'); H and W dynamic. Needs the `onnx` package."""
@@ -318,8 +325,11 @@ class MMODDetector:
       self._jit = jax.jit(lambda x: jax_scores(self.weights, x))
 
   def scores(self, rgb: np.ndarray) -> tuple[np.ndarray, list]:
-    """(score map, level rects) of an (H, W, 3) uint8 photo."""
+    """(score map, level rects) of an (H, W, 3) uint8 photo; an empty map where the tiled pyramid
+    is too small for the network (a photo a few pixels high or wide holds no face)."""
     x, rects = tiled_pyramid(rgb, self.weights)
+    if min(output_size(n, self.weights) for n in x.shape[1:]) < 1:
+      return np.zeros((0, 0), np.float32), rects
     if self.runtime == "onnx":
       out = self.session.run(None, {"x": x[None]})[0][0, 0]
     else:

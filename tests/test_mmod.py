@@ -101,3 +101,11 @@ def test_reader_names_the_file_and_what_it_found(tmp_path):
     mmod.read_mmod(pretrained.default_path())
   with pytest.raises(ValueError, match="uint8 RGB"):
     mmod.MMODDetector(runtime="jax")(np.zeros((10, 10), np.uint8))
+
+
+def test_photos_too_small_for_the_network_hold_no_faces(detector):
+  for shape in ((1, 1), (3, 3), (2, 500), (500, 2)):
+    assert detector(np.zeros(shape + (3,), np.uint8)) == []
+  x, _ = mmod.tiled_pyramid(np.zeros((10, 10, 3), np.uint8), detector.weights)
+  assert min(x.shape[1:]) >= 29 and detector.scores(np.zeros((10, 10, 3), np.uint8))[0].size > 0  # still run
+  assert mmod.output_size(29, detector.weights) == 1 and mmod.output_size(28, detector.weights) == 0
