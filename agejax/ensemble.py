@@ -46,7 +46,8 @@ def compare(paths: list[str]) -> dict:
   return {"files": list(paths), "faces": len(files), "mae": [round(float(m), 4) for m in mae],
           "mae_mean_of_models": round(float(mae.mean()), 4),
           "mae_of_mean": round(float(np.abs(preds.mean(axis=0) - ages).mean()), 4),
-          "error_correlation": np.round(np.corrcoef(preds - ages), 3).tolist()}
+          "error_correlation": [[None if np.isnan(c) else round(float(c), 3) for c in row]  # None: constant errors
+                                for row in np.corrcoef(preds - ages)]}
 
 
 def main(argv=None) -> int:

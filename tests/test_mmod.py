@@ -14,8 +14,9 @@ from agejax import mmod, pretrained  # noqa: E402
 
 @pytest.fixture(scope="module")
 def photos():
-  """The astronaut as she is (512 px), and a 640x480 collage of her head at five sizes (faces of
-  about 45-115 px: on pyramid levels 0-2, and two too small to find), one copy gray and blurred."""
+  """The astronaut as she is (512 px), a 640x480 collage of her head at five sizes (faces of
+  about 45-115 px: on pyramid levels 0-2, and two too small to find), one copy gray and blurred,
+  and her head close up (a 196 px face, found on level 5: the tiled pyramid's second column)."""
   from skimage import data
   a = Image.fromarray(data.astronaut())
   head = a.crop((110, 0, 330, 230))
@@ -26,7 +27,9 @@ def photos():
     if old:
       face = ImageOps.grayscale(face).filter(ImageFilter.GaussianBlur(1.0)).convert("RGB")
     canvas.paste(face, at)
-  return [np.asarray(a), np.asarray(canvas)]
+  close = Image.new("RGB", (640, 480), (90, 110, 130))
+  close.paste(head.resize((470, 470), Image.BILINEAR), (100, 5))  # a 196 px face: level 5, the second column
+  return [np.asarray(a), np.asarray(canvas), np.asarray(close)]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,11 @@ def detector():
 def test_boxes_and_scores_are_dlibs(photos, detector):
   import face_recognition_models
   net = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
+  w = detector.weights
+  assert (w.window, round(w.nms_iou, 4), w.nms_covered, w.padding, w.outer_padding) == ((80, 80), 0.3383, 1.0, 10, 11)
+  np.testing.assert_allclose(w.mean, (122.782, 117.001, 104.298), atol=1e-3)
+  assert [k.shape for k, *_ in w.convs] == [(16, 3, 5, 5), (32, 16, 5, 5), (32, 32, 5, 5), (45, 32, 5, 5),
+                                            (45, 45, 5, 5), (45, 45, 5, 5), (1, 45, 9, 9)]
   total = 0
   for rgb in photos:
     theirs = [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence) for d in net(rgb, 0)]
@@ -48,11 +56,13 @@ def test_boxes_and_scores_are_dlibs(photos, detector):
       assert np.abs(np.subtract(box, their_box)).max() <= 1, (box, their_box)
       assert abs(score - their_score) < 0.02
     total += len(theirs)
-  assert total == 4  # the astronaut, and the three largest copies
+  assert total == 5  # the astronaut, the three largest copies, the close-up
 
 
 def test_pyramid_levels_shrink_by_five_sixths_and_do_not_overlap():
-  rects, (rows, cols) = mmod.pyramid_layout(480, 640)
+  rects, (rows, cols) = mmod.pyramid_layout(480, 640, 10, 11)
+  assert (rows, cols, len(rects)) == (1782, 662, 24)   # dlib's layout: levels 0-4 down the left ...
+  assert rects[4][0] == 11 and rects[5] == (395, 1580, 650, 1770)  # ... the rest up the right, from the bottom
   sizes = [(b - t + 1, r - l + 1) for l, t, r, b in rects]
   assert sizes[0] == (480, 640) and sizes[1] == (400, 533) and sizes[-1][0] >= mmod.MIN_LEVEL_HEIGHT
   assert all(h1 == int(h0 * 5 / 6) for (h0, _), (h1, _) in zip(sizes, sizes[1:]))
@@ -72,7 +82,7 @@ def test_onnx_runtime_and_xla_compute_the_same_scores(photos, detector):
 
 def test_boxes_from_scores_maps_windows_to_levels_and_suppresses_overlaps():
   weights = mmod.MMODWeights(convs=(), mean=(0, 0, 0), window=(80, 80), nms_iou=0.3, nms_covered=1.0)
-  rects, (rows, cols) = mmod.pyramid_layout(480, 640)
+  rects, (rows, cols) = mmod.pyramid_layout(480, 640, 10, 11)
   scores = np.full(((rows - 14) // 8 + 1, (cols - 14) // 8 + 1), -1.0, np.float32)
   scores[10, 10] = 2.0   # level 0 at (94, 94): the window (54.5, 54.5)-(133.5, 133.5) less the outer padding
   scores[10, 11] = 1.0   # 8 px to the right: the same face, suppressed
@@ -88,6 +98,19 @@ def test_boxes_from_scores_maps_windows_to_levels_and_suppresses_overlaps():
   x = 8 * c + 14 - level1[0]
   assert box[0] == int(np.floor((x - 39.5) * 1.2 + 0.3 + 0.5)) and box[2] == int(np.floor((x + 39.5) * 1.2 + 0.3 + 0.5))
   assert box[1] == int(np.floor((8 * r + 14 - level1[1] - 39.5) * 1.2 + 0.3 + 0.5))
+  scores[:] = -1
+  scores[0, 0] = 1.0     # the corner window: (-36.5, -36.5) rounds away from zero, as dlib's lround does
+  assert mmod.boxes_from_scores(scores, rects, weights)[0][0][:2] == (-37, -37)
+
+
+def test_suppression_is_dlibs_overlap_over_the_bounding_box_or_coverage():
+  # a diagonal neighbour: intersection 72x72 over the bounding box 88x88 = 0.67, over the union 0.50
+  a, b = (0, 0, 79, 79), (8, 8, 87, 87)
+  assert mmod._overlaps(a, b, 0.6, 1.0) and not mmod._overlaps(a, b, 0.7, 1.0)
+  far = (40, 40, 119, 119)  # 40x40 of 120x120: 0.11; of either box 0.25
+  assert not mmod._overlaps(a, far, 0.3, 1.0) and mmod._overlaps(a, far, 0.3, 0.2)
+  inside = (20, 20, 39, 39)  # wholly inside a: 400 / 6400 of the bounding box, all of itself
+  assert not mmod._overlaps(a, inside, 0.3, 1.0) and mmod._overlaps(a, inside, 0.3, 0.99)
 
 
 def test_reader_names_the_file_and_what_it_found(tmp_path):
@@ -100,7 +123,7 @@ def test_reader_names_the_file_and_what_it_found(tmp_path):
   with pytest.raises(pretrained.DlibFormatError, match="loss layer 'loss_metric_2', expected loss_mmod_"):
     mmod.read_mmod(pretrained.default_path())
   with pytest.raises(ValueError, match="uint8 RGB"):
-    mmod.MMODDetector(runtime="jax")(np.zeros((10, 10), np.uint8))
+    mmod.MMODDetector(runtime="jax")(np.zeros((10, 10, 3), np.float32))
 
 
 def test_photos_too_small_for_the_network_hold_no_faces(detector):
@@ -109,3 +132,28 @@ def test_photos_too_small_for_the_network_hold_no_faces(detector):
   x, _ = mmod.tiled_pyramid(np.zeros((10, 10, 3), np.uint8), detector.weights)
   assert min(x.shape[1:]) >= 29 and detector.scores(np.zeros((10, 10, 3), np.uint8))[0].size > 0  # still run
   assert mmod.output_size(29, detector.weights) == 1 and mmod.output_size(28, detector.weights) == 0
+
+
+def test_reading_the_detector_loads_no_jax():
+  import subprocess
+  import sys
+  code = ("import sys; from agejax import faces, mmod; mmod.read_mmod(); "
+          "print('jax' in sys.modules, 'flax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.stdout.split() == ["False", "False"], out.stderr  # detection workers stay light
+
+
+def test_gray_and_rgba_photos_are_taken_as_rgb(photos, detector):
+  rgb = photos[0]
+  gray = rgb.mean(-1).astype(np.uint8)
+  assert detector(gray) == detector(np.repeat(gray[..., None], 3, -1))
+  assert detector(np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], -1)) == detector(rgb)
+
+
+def test_upsampled_boxes_map_back_to_the_photo(photos, detector):
+  small = np.asarray(Image.fromarray(photos[0]).resize((256, 256), Image.BILINEAR))  # her face about 48 px
+  assert detector(small) == []
+  (box, _), = detector(small, upsample=1)
+  (full_box, _), = detector(photos[0])
+  assert np.abs(np.array(box) * 2 - np.array(full_box)).max() <= 6  # the same face, half the size
+  assert mmod.box_to_photo((0, 1, 99, 100), 2.0) == (0, 0, 49, 50)  # pixel centres: (v + 0.5) / 2 - 0.5
