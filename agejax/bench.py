@@ -196,24 +196,24 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
   return out
 
 
-def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], photo_set: str = "hard") -> dict:
+def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], photo_set: str = "hard",
+                  cnn_runtime: str = "auto") -> dict:
   """Recall, false positives and photos/s of each detector config ("hog:1" = HOG, upsample 1;
   "auto:1"; "cnn:0") on agejax.hard_photos' degraded group photos of UTKFace faces (`photo_set`
   "hard") or its monochrome scans of UTKFace test faces ("scans": 2 x photos_per_condition photos;
-  labels.csv beside the archive names the test split)."""
+  labels.csv beside the archive names the test split); the CNN detector in `cnn_runtime`
+  (`faces.CNN_RUNTIMES`: "dlib" measures the policies with dlib's own CNN)."""
   from agejax import faces, hard_photos
   if photo_set == "scans":
-    names = hard_photos.utkface_test_names(os.path.join(os.path.dirname(utkface), "labels.csv"))
-    chips = hard_photos.utkface_chips(utkface, 6 * photos_per_condition, names)
-    photos = hard_photos.make_scans(chips, 2 * photos_per_condition)
+    photos = _scan_photos(utkface, 2 * photos_per_condition)
   else:
     chips = hard_photos.utkface_chips(utkface, 400)
     photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
-  out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos),
+  out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos), "cnn_runtime": cnn_runtime,
          "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}
   for cfg in configs:
     kind, _, up = cfg.partition(":")
-    aligner = faces.FaceAligner(detector=kind, upsample=int(up or 1))
+    aligner = faces.FaceAligner(detector=kind, upsample=int(up or 1), cnn_runtime=cnn_runtime)
     out[cfg] = hard_photos.recall(lambda rgb: [(r.left(), r.top(), r.right(), r.bottom())
                                                for r, _ in aligner.detect(rgb)], photos)
   return out
@@ -245,6 +245,8 @@ def main(argv=None):
                   "photos) or scans")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
                   help="detect mode: detector:upsample, comma-separated")
+  ap.add_argument("--cnn_runtime", default="auto", choices=list(faces.CNN_RUNTIMES),
+                  help="detect mode: the CNN detector's runtime (dlib: dlib's own, for the policies without agejax's port)")
   ap.add_argument("--batches", type=int, default=40, help="pipeline mode: batches timed")
   ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
   ap.add_argument("--repeats", type=int, default=3)
@@ -256,6 +258,8 @@ def main(argv=None):
   if a.mode == "predict":
     if a.photos == "hard":
       ap.error("--photos hard is detect mode's; predict mode measures astronaut or scans")
+    if a.photos == "scans" and a.aligned:
+      ap.error("--photos scans are whole photos: drop --aligned")
     runtimes = {"both": ["jax", "onnx"], "all": ["jax", "onnx", "onnx-int8"]}.get(a.runtime, [a.runtime])
     rows = []
     for r in runtimes:  # a runtime the model lacks after the first is skipped, so the others' rows stay
@@ -276,7 +280,7 @@ def main(argv=None):
   if a.mode == "detect":
     if a.photos == "astronaut":
       ap.error("--photos astronaut is predict mode's; detect mode measures hard or scans")
-    print(json.dumps(detect_recall(utkface, a.per_condition, a.configs.split(","), a.photos or "hard")))
+    print(json.dumps(detect_recall(utkface, a.per_condition, a.configs.split(","), a.photos or "hard", a.cnn_runtime)))
     return
   if a.mode == "pipeline":
     print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))

@@ -35,7 +35,9 @@ from agejax import faces as faces_lib
 from agejax import predict_lib
 
 MAX_PHOTOS = 50            # photos answered per request
-THOROUGH_DETECTOR = dict(detector="cnn", upsample=0)  # "look harder": 0.94 recall against HOG's 0.70, docs/RESULTS.md
+# "look harder": the CNN and HOG, both upsampled once, merged (docs/RESULTS.md#finding-faces: the most faces,
+# small ones too, at several times auto's time)
+THOROUGH_DETECTOR = dict(detector="careful", upsample=1, cnn_upsample=1)
 RESULTS_KEPT_S = 600       # downloadable results are deleted after this
 TITLE = "agejax: the age of faces"
 
@@ -198,7 +200,7 @@ def build_app(estimator: Estimator, work_dir: str):
         snapshot = gr.Image(label="Webcam snapshot (optional)", sources=["webcam"], type="numpy",
                             elem_id="snapshot")
         aligned = gr.Checkbox(label="Already a face chip (skip face detection)", value=False, elem_id="aligned")
-        thorough = gr.Checkbox(label="Look harder for faces: small, gray or old photos (much slower)", value=False,
+        thorough = gr.Checkbox(label="Look harder for faces: small faces, old photos (several times slower)", value=False,
                                elem_id="thorough")
         go = gr.Button("Estimate ages", variant="primary", elem_id="go")
       with gr.Column(scale=2):

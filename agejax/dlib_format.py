@@ -130,6 +130,8 @@ def read_details(s: Stream, layer: Layer, weights: dict[str, dict[str, np.ndarra
       s.float()  # learning-rate and weight-decay multipliers
     eps = s.float()
     c = int(np.prod(gamma))
+    if params.size != 2 * c or means.size != c or variances.size != c:
+      s.fail(f"a batch-norm layer with {params.size} parameters and {means.size} running means for {c} channels")
     scale = params[:c] / np.sqrt(variances + eps)
     weights[layer.name] = {"scale": scale.astype(np.float32), "bias": (params[c:] - means * scale).astype(np.float32)}
   elif kind == "affine":

@@ -41,8 +41,9 @@ flags.DEFINE_string("annotate", None, "Write annotated copies of the photos into
                     "images keep their relative paths).")
 flags.DEFINE_bool("overwrite", False, "Let --annotate replace files that already exist (never an input).")
 flags.DEFINE_enum("detector", "auto", list(faces.DETECTORS), faces.DETECTOR_HELP)
-flags.DEFINE_integer("upsample", 1, "Double the photo this many times before detecting (finds smaller faces; "
-                     "each step about 4x slower).", lower_bound=0, upper_bound=3)
+flags.DEFINE_integer("upsample", 1, "Double the photo this many times before HOG detects (finds smaller faces; "
+                     "each step about 4x slower): hog, careful, auto's HOG, and the cnn detector.",
+                     lower_bound=0, upper_bound=3)
 flags.DEFINE_integer("workers", None, "Face-detection processes (default: one per core, at most 8, for 4 or "
                      "more photos; 0: detect in this process).", lower_bound=0)
 flags.DEFINE_integer("every", 0, "Videos: look for faces in every Nth frame (0: about 5 frames a second).",
