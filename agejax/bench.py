@@ -202,18 +202,22 @@ def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], p
   "auto:1"; "cnn:0") on agejax.hard_photos' degraded group photos of UTKFace faces (`photo_set`
   "hard") or its monochrome scans of UTKFace test faces ("scans": 2 x photos_per_condition photos;
   labels.csv beside the archive names the test split); the CNN detector in `cnn_runtime`
-  (`faces.CNN_RUNTIMES`: "dlib" measures the policies with dlib's own CNN)."""
+  (`faces.CNN_RUNTIMES`: "dlib" measures the policies with dlib's own CNN; the port on one ONNX
+  Runtime thread, as in a detection worker)."""
   from agejax import faces, hard_photos
   if photo_set == "scans":
     photos = _scan_photos(utkface, 2 * photos_per_condition)
   else:
     chips = hard_photos.utkface_chips(utkface, 400)
     photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
+  from agejax import mmod
+  if cnn_runtime == "auto":  # recorded as resolved
+    cnn_runtime = "onnx" if mmod.onnx_available() else "dlib"
   out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos), "cnn_runtime": cnn_runtime,
          "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}
   for cfg in configs:
     kind, _, up = cfg.partition(":")
-    aligner = faces.FaceAligner(detector=kind, upsample=int(up or 1), cnn_runtime=cnn_runtime)
+    aligner = faces.FaceAligner(detector=kind, upsample=int(up or 1), cnn_runtime=cnn_runtime, cnn_threads=1)
     out[cfg] = hard_photos.recall(lambda rgb: [(r.left(), r.top(), r.right(), r.bottom())
                                                for r, _ in aligner.detect(rgb)], photos)
   return out
@@ -237,7 +241,8 @@ def main(argv=None):
   ap.add_argument("--runtime", default="auto", choices=["auto", "jax", "onnx", "onnx-int8", "both", "all"],
                   help="predict mode: the network's runtime; both: jax then onnx, and their ratio; all: jax, "
                   "onnx and onnx-int8, and the ratios to jax")
-  ap.add_argument("--utkface", default=None, help="detect mode: UTKFace.tar.gz (default $UTKFACE_DIR/UTKFace.tar.gz)")
+  ap.add_argument("--utkface", default=None, help="detect mode and predict mode's scans: UTKFace.tar.gz, labels.csv "
+                  "beside it (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
   ap.add_argument("--photos", default=None, choices=["astronaut", "hard", "scans"],
                   help="predict mode: astronaut (default) or scans (--count of hard_photos' album scans of "
@@ -258,6 +263,8 @@ def main(argv=None):
   if a.mode == "predict":
     if a.photos == "hard":
       ap.error("--photos hard is detect mode's; predict mode measures astronaut or scans")
+    if a.cnn_runtime != "auto":
+      ap.error("--cnn_runtime is detect mode's")
     if a.photos == "scans" and a.aligned:
       ap.error("--photos scans are whole photos: drop --aligned")
     runtimes = {"both": ["jax", "onnx"], "all": ["jax", "onnx", "onnx-int8"]}.get(a.runtime, [a.runtime])

@@ -35,8 +35,8 @@ from agejax import faces as faces_lib
 from agejax import predict_lib
 
 MAX_PHOTOS = 50            # photos answered per request
-# "look harder": the CNN and HOG, both upsampled once, merged (docs/RESULTS.md#finding-faces: the most faces,
-# small ones too, at several times auto's time)
+# "look harder": the CNN and HOG, both upsampled once, merged: careful, the most faces in docs/RESULTS.md's
+# tables, with the CNN upsampled too for faces under about 60 px (slower than careful's measured rates)
 THOROUGH_DETECTOR = dict(detector="careful", upsample=1, cnn_upsample=1)
 RESULTS_KEPT_S = 600       # downloadable results are deleted after this
 TITLE = "agejax: the age of faces"
@@ -66,8 +66,8 @@ class Estimator:
   def answer(self, paths: list[str], aligned: bool = False, names: list[str] | None = None,
              thorough: bool = False) -> Answer:
     """Predictions for the photo files `paths` (shown as `names`, default their base names);
-    `thorough` finds faces with dlib's CNN detector (THOROUGH_DETECTOR) instead of the default
-    `auto` detector."""
+    `thorough` finds faces with `careful` detection, both detectors upsampled (THOROUGH_DETECTOR),
+    instead of the default `auto` detector."""
     names = names or [os.path.basename(p) for p in paths]
     shown = dict(zip(paths, names))
     ans = Answer([], [], None, [], [])

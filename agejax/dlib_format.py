@@ -28,7 +28,7 @@ def installed_model(name: str, filename: str, locator: str) -> str:
 
 
 class DlibFormatError(ValueError):
-  """The file is not dlib's face ResNet in dlib's format; the message says where and why."""
+  """The file is not the dlib network expected, in dlib's format; the message says where and why."""
 
 
 class Stream:

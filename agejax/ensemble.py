@@ -46,8 +46,14 @@ def compare(paths: list[str]) -> dict:
   return {"files": list(paths), "faces": len(files), "mae": [round(float(m), 4) for m in mae],
           "mae_mean_of_models": round(float(mae.mean()), 4),
           "mae_of_mean": round(float(np.abs(preds.mean(axis=0) - ages).mean()), 4),
-          "error_correlation": [[None if np.isnan(c) else round(float(c), 3) for c in row]  # None: constant errors
-                                for row in np.corrcoef(preds - ages)]}
+          "error_correlation": _correlation(preds - ages)}
+
+
+def _correlation(errors: np.ndarray) -> list[list[float | None]]:
+  """Pearson's r between the rows; None where a row is constant."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    r = np.corrcoef(errors)
+  return [[None if np.isnan(c) else round(float(c), 3) for c in row] for row in r]
 
 
 def main(argv=None) -> int:

@@ -72,10 +72,12 @@ def test_auto_runs_the_cnn_on_every_photo_and_hog_where_it_finds_none_or_the_pho
   found = auto.detect(large)
   assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, 0)] and hog.calls == [(0,)]  # over AUTO_HOG_SIDE: HOG too
   assert len(auto._hog(large, 0)) == 1 and len(found) == 1     # both found her: merged into one face
-  for side, doubled, with_hog in ((320, 1, False), (321, 0, False), (960, 0, False), (961, 0, True)):
+  # 320 px: doubled, her 57 px face found; 321: not doubled, missed, so HOG (upsampled) finds it;
+  # 960: shrunk to 640, found; 961: HOG beside the CNN
+  for side, doubled, hog_calls in ((320, 1, []), (321, 0, [(1,)]), (960, 0, []), (961, 0, [(0,)])):
     cnn.calls.clear(), hog.calls.clear()
-    auto.detect(np.asarray(Image.fromarray(colour).resize((side, side), Image.BILINEAR)))
-    assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, doubled)] and (hog.calls == [(0,)]) == with_hog, side
+    found = auto.detect(np.asarray(Image.fromarray(colour).resize((side, side), Image.BILINEAR)))
+    assert cnn.calls == [(faces.AUTO_CNN_MAX_SIDE, doubled)] and hog.calls == hog_calls and len(found) == 1, side
   medium = np.asarray(Image.fromarray(colour).resize((600, 600), Image.BILINEAR))
   cnn.calls.clear(), hog.calls.clear()
   auto.detect(medium)
@@ -195,3 +197,17 @@ def test_detection_in_workers_gives_the_same_records_in_order(tmp_path):
     assert a.get("error") == b.get("error")
     for fa, fb in zip(a.get("faces", []), b.get("faces", [])):
       assert fa["box"] == fb["box"] and fa["age"] == pytest.approx(fb["age"], abs=1e-5)
+
+
+def test_slivers_and_single_pixels_hold_no_faces_and_raise_nothing():
+  for detector in ("auto", "cnn", "careful"):
+    aligner = faces.FaceAligner(detector=detector)
+    for shape in ((1, 1, 3), (2, 3000, 3), (3000, 2, 3)):
+      assert aligner.detect(np.zeros(shape, np.uint8)) == [], (detector, shape)
+
+
+def test_detection_workers_run_the_cnn_on_one_thread_each():
+  faces._start_worker(faces.FaceAligner().settings)
+  session = faces._worker_aligner.cnn.session
+  assert session.get_session_options().intra_op_num_threads == 1
+  assert faces.FaceAligner().cnn.session.get_session_options().intra_op_num_threads == 0  # in-process: all cores

@@ -415,3 +415,18 @@ def test_ensemble_compares_each_model_with_the_mean_of_their_ages(tmp_path, caps
   assert "other faces (or another order)" in capsys.readouterr().err
   (tmp_path / "d.csv").write_text(header + "x.jpg,11,12,1\ny.jpg,20,18,1\nz.jpg,30,30,1\n")  # another true age
   assert ensemble.main([str(tmp_path / "a.csv"), str(tmp_path / "d.csv")]) == 1
+  capsys.readouterr()
+  (tmp_path / "e.csv").write_text(header + "x.jpg,10,11,1\ny.jpg,20,21,1\nz.jpg,30,31,1\n")  # errors all +1
+  assert ensemble.main([str(tmp_path / "a.csv"), str(tmp_path / "e.csv")]) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)["error_correlation"][0][1] is None and "Warning" not in captured.err
+
+
+def test_bench_refuses_flags_of_another_mode(capsys):
+  from agejax import bench
+  for argv in (["--mode", "predict", "--photos", "scans", "--aligned"], ["--mode", "predict", "--cnn_runtime", "dlib"],
+               ["--mode", "detect", "--photos", "astronaut"]):
+    with pytest.raises(SystemExit):
+      bench.main(argv)
+  err = capsys.readouterr().err
+  assert "drop --aligned" in err and "--cnn_runtime is detect mode's" in err and "predict mode's" in err
