@@ -210,9 +210,7 @@ def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], p
   else:
     chips = hard_photos.utkface_chips(utkface, 400)
     photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
-  from agejax import mmod
-  if cnn_runtime == "auto":  # recorded as resolved
-    cnn_runtime = "onnx" if mmod.onnx_available() else "dlib"
+  cnn_runtime = faces.resolve_cnn_runtime(cnn_runtime)  # recorded as resolved
   out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos), "cnn_runtime": cnn_runtime,
          "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}
   for cfg in configs:

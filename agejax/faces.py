@@ -160,6 +160,14 @@ class FaceAligner:
 CNN_RUNTIMES = ("auto", "onnx", "jax", "dlib")
 
 
+def resolve_cnn_runtime(runtime: str) -> str:
+  """`runtime` (one of CNN_RUNTIMES) with "auto" made onnx (onnxruntime and onnx installed) or dlib."""
+  from agejax import onnx_export
+  if runtime not in CNN_RUNTIMES:
+    raise ValueError(f"CNN detector runtime {runtime!r}: one of {', '.join(CNN_RUNTIMES)}.")
+  return runtime if runtime != "auto" else "onnx" if onnx_export.available(build=True) else "dlib"
+
+
 def cnn_detector(runtime: str = "auto", threads: int | None = None):
   """dlib's CNN face detector as `detect(rgb, upsample) -> [((left, top, right, bottom), score)]`:
   agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 19x dlib-bin's speed here) or XLA
@@ -167,10 +175,7 @@ def cnn_detector(runtime: str = "auto", threads: int | None = None):
   installed (`pip install 'agejax[onnx]'`), else dlib's. `threads`: the port's ONNX Runtime
   threads (default one per core)."""
   from agejax import mmod
-  if runtime not in CNN_RUNTIMES:
-    raise ValueError(f"CNN detector runtime {runtime!r}: one of {', '.join(CNN_RUNTIMES)}.")
-  if runtime == "auto":
-    runtime = "onnx" if mmod.onnx_available() else "dlib"
+  runtime = resolve_cnn_runtime(runtime)
   if runtime != "dlib":
     return mmod.MMODDetector(runtime=runtime, threads=threads)
   import dlib
@@ -184,15 +189,11 @@ def cnn_detector(runtime: str = "auto", threads: int | None = None):
 
 def _merge(kept: list[tuple], more: list[tuple]) -> list[tuple]:
   """`kept` and those of `more` that are not one of its faces: a box whose intersection with a
-  kept one is over DUPLICATE_OVERLAP of the smaller of the two (inclusive pixel corners, as dlib's
-  rectangles count them)."""
-  def same(a, b):
-    iw = min(a.right(), b.right()) - max(a.left(), b.left()) + 1
-    ih = min(a.bottom(), b.bottom()) - max(a.top(), b.top()) + 1
-    if iw <= 0 or ih <= 0:
-      return False
-    smaller = min(a.width() * a.height(), b.width() * b.height())
-    return iw * ih > DUPLICATE_OVERLAP * smaller
+  kept one is over DUPLICATE_OVERLAP of either box (dlib's overlap test, `mmod.overlaps`, on its
+  coverage rule alone)."""
+  from agejax import mmod
+  corners = lambda r: (r.left(), r.top(), r.right(), r.bottom())
+  same = lambda a, b: mmod.overlaps(corners(a), corners(b), iou=1.0, covered=DUPLICATE_OVERLAP)
   out = list(kept)
   for rect, score in more:
     if not any(same(rect, k) for k, _ in out):

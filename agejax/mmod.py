@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from agejax import dlib_format
+from agejax import dlib_format, onnx_export
 from agejax.dlib_format import Layer
 
 STRIDE, OFFSET = 8, 14      # output (r, c) looks at input pixel STRIDE * (r, c) + OFFSET
@@ -218,7 +218,7 @@ def _level_of(rects, x: float, y: float) -> int:
   return best
 
 
-def _overlaps(a, b, iou: float, covered: float) -> bool:
+def overlaps(a, b, iou: float, covered: float) -> bool:
   """dlib's test_box_overlap on integer rectangles (inclusive corners; the 'union' is the
   bounding box of the two)."""
   iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
@@ -256,7 +256,7 @@ def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold
     for _ in range(level):
       box = box * POINT_UP + 0.3
     box = tuple(round_like_dlib(v) for v in box)
-    if any(_overlaps(k, box, weights.nms_iou, weights.nms_covered) for k, _ in kept):
+    if any(overlaps(k, box, weights.nms_iou, weights.nms_covered) for k, _ in kept):
       continue
     kept.append((box, float(scores[r, c])))
   return kept
@@ -318,7 +318,7 @@ class MMODDetector:
   def __init__(self, path: str | None = None, runtime: str = "auto", threads: int | None = None):
     self.weights = read_mmod(path)
     if runtime == "auto":
-      runtime = "onnx" if onnx_available() else "jax"
+      runtime = "onnx" if onnx_export.available(build=True) else "jax"
     if runtime not in ("onnx", "jax"):
       raise ValueError(f"runtime {runtime!r}: auto, onnx or jax")
     self.runtime = runtime
@@ -361,13 +361,3 @@ class MMODDetector:
       rgb = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.BILINEAR))
     found = boxes_from_scores(*self.scores(rgb), self.weights, threshold)
     return [(box_to_photo(box, scale), s) for box, s in found] if upsample else found
-
-
-def onnx_available() -> bool:
-  """Whether ONNX Runtime and onnx (to build the graph) are installed."""
-  try:
-    import onnx  # noqa: F401
-    import onnxruntime  # noqa: F401
-  except ImportError:
-    return False
-  return True

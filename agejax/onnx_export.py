@@ -26,9 +26,12 @@ class OnnxUnavailable(ImportError):
   """ONNX Runtime (or, to convert, jax2onnx) is not installed."""
 
 
-def available(convert: bool = False) -> bool:
+def available(convert: bool = False, build: bool = False) -> bool:
+  """Whether ONNX Runtime is installed, and onnx where a graph is to be built (`build`: the face
+  detector's, agejax.mmod) or jax2onnx and onnx where one is to be converted (`convert`). Imports
+  nothing (no JAX)."""
   import importlib.util
-  need = ["onnxruntime"] + (["jax2onnx", "onnx"] if convert else [])
+  need = ["onnxruntime"] + (["onnx"] if build or convert else []) + (["jax2onnx"] if convert else [])
   return all(importlib.util.find_spec(m) is not None for m in need)
 
 

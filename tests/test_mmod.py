@@ -106,11 +106,11 @@ def test_boxes_from_scores_maps_windows_to_levels_and_suppresses_overlaps():
 def test_suppression_is_dlibs_overlap_over_the_bounding_box_or_coverage():
   # a diagonal neighbour: intersection 72x72 over the bounding box 88x88 = 0.67, over the union 0.50
   a, b = (0, 0, 79, 79), (8, 8, 87, 87)
-  assert mmod._overlaps(a, b, 0.6, 1.0) and not mmod._overlaps(a, b, 0.7, 1.0)
+  assert mmod.overlaps(a, b, 0.6, 1.0) and not mmod.overlaps(a, b, 0.7, 1.0)
   far = (40, 40, 119, 119)  # 40x40 of 120x120: 0.11; of either box 0.25
-  assert not mmod._overlaps(a, far, 0.3, 1.0) and mmod._overlaps(a, far, 0.3, 0.2)
+  assert not mmod.overlaps(a, far, 0.3, 1.0) and mmod.overlaps(a, far, 0.3, 0.2)
   inside = (20, 20, 39, 39)  # wholly inside a: 400 / 6400 of the bounding box, all of itself
-  assert not mmod._overlaps(a, inside, 0.3, 1.0) and mmod._overlaps(a, inside, 0.3, 0.99)
+  assert not mmod.overlaps(a, inside, 0.3, 1.0) and mmod.overlaps(a, inside, 0.3, 0.99)
 
 
 def test_reader_names_the_file_and_what_it_found(tmp_path):
