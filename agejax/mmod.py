@@ -184,10 +184,15 @@ def _resize_bilinear(src: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return lo, np.minimum(lo + 1, n_src - 1), (pos - lo).astype(np.float32)
   r0, r1, fr = axis(src.shape[1], rows)
   c0, c1, fc = axis(src.shape[2], cols)
-  top, bottom = src[:, r0], src[:, r1]
-  by_rows = top + (bottom - top) * fr[None, :, None]
-  left, right = by_rows[:, :, c0], by_rows[:, :, c1]
-  return left + (right - left) * fc
+  by_rows, bottom = np.take(src, r0, axis=1), np.take(src, r1, axis=1)  # in place below: 3x fewer passes
+  bottom -= by_rows
+  bottom *= fr[None, :, None]
+  by_rows += bottom
+  out, right = np.take(by_rows, c0, axis=2), np.take(by_rows, c1, axis=2)
+  right -= out
+  right *= fc
+  out += right
+  return out
 
 
 def tiled_pyramid(rgb: np.ndarray, weights: MMODWeights) -> tuple[np.ndarray, list]:
@@ -195,7 +200,9 @@ def tiled_pyramid(rgb: np.ndarray, weights: MMODWeights) -> tuple[np.ndarray, li
   rects, (rows, cols) = pyramid_layout(rgb.shape[0], rgb.shape[1], weights.padding, weights.outer_padding)
   out = np.zeros((3, rows, cols), np.float32)
   mean = np.asarray(weights.mean, np.float32)[:, None, None]
-  level = (rgb.transpose(2, 0, 1).astype(np.float32) - mean) / np.float32(256.0)
+  level = rgb.transpose(2, 0, 1).astype(np.float32, order="C")  # C order: the resizes gather rows
+  level -= mean
+  level /= np.float32(256.0)
   for i, (left, top, right, bottom) in enumerate(rects):
     if i:
       level = _resize_bilinear(level, bottom - top + 1, right - left + 1)

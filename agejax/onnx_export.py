@@ -247,6 +247,11 @@ class OnnxRunner:
     self.input = self.session.get_inputs()[0].name
     self.names = [o.name for o in self.session.get_outputs()]
 
+  def shapes(self) -> tuple[tuple, dict]:
+    """(the input's shape, {output: shape}) as the model declares them (symbolic sizes as names)."""
+    return (tuple(self.session.get_inputs()[0].shape),
+            {o.name: tuple(o.shape) for o in self.session.get_outputs()})
+
   def run(self, faces: np.ndarray) -> dict[str, np.ndarray]:
     outs = self.session.run(None, {self.input: np.ascontiguousarray(faces, np.uint8)})
     return dict(zip(self.names, outs))

@@ -211,3 +211,16 @@ def test_detection_workers_run_the_cnn_on_one_thread_each():
   session = faces._worker_aligner.cnn.session
   assert session.get_session_options().intra_op_num_threads == 1
   assert faces.FaceAligner().cnn.session.get_session_options().intra_op_num_threads == 0  # in-process: all cores
+
+
+def test_an_aligner_loads_its_models_on_first_use(astronaut_small, monkeypatch):
+  """predict with --workers builds a FaceAligner in the main process only for its settings: it
+  must load no detector (the CNN's ONNX graph and session) and no landmark model there."""
+  built = []
+  real = faces.cnn_detector
+  monkeypatch.setattr(faces, "cnn_detector", lambda *a, **k: built.append(a) or real(*a, **k))
+  aligner = faces.FaceAligner(detector="auto")
+  assert built == [] and not {"cnn", "hog", "predictor"} & set(vars(aligner))
+  assert len(aligner(astronaut_small[0])) == 1 and len(built) == 1  # built on first use, once
+  aligner(astronaut_small[0])
+  assert len(built) == 1

@@ -140,3 +140,29 @@ def test_ranking_prior_logits_are_the_label_survival_function():
   assert np.all(np.diff(np.asarray(z)) <= 0)  # P(y > l_k) never grows with k
   # Decoding the prior itself gives the median age (3): #{k : P(y > l_k) > 1/2}.
   assert int(np.sum(np.asarray(z) > 0)) == 3
+
+
+def test_readouts_of_numpy_inputs_are_numpy_and_equal_to_jaxs():
+  """A deployed model reads its ages in numpy: the same numbers as under JAX, numpy arrays out."""
+  rng = np.random.default_rng(0)
+  probs = rng.dirichlet(np.full(117, 0.3), size=64).astype(np.float32)
+  probs[:8] = np.asarray(ldl.gaussian_label_distribution(rng.uniform(0, 116, 8), 2.0, jnp.arange(117.0)))
+  grid = np.arange(117, dtype=np.float32)
+  for name, fn in [("cumulative", lambda p, g: ldl.cumulative(p)),
+                   ("expectation", ldl.expectation), ("std", ldl.distribution_std),
+                   ("quantile", lambda p, g: ldl.quantile(p, g, 0.3)),
+                   ("low", lambda p, g: ldl.central_interval(p, g, 0.9)[0]),
+                   ("high", lambda p, g: ldl.central_interval(p, g, 0.9)[1])]:
+    got, want = fn(probs, grid), fn(jnp.asarray(probs), jnp.asarray(grid))
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and not isinstance(want, np.ndarray), name
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_numpy_readouts_import_no_jax():
+  import subprocess
+  import sys
+  code = ("import sys, numpy as np; from agejax import ldl; p = np.full((2, 5), 0.2, np.float32); "
+          "g = np.arange(5.0, dtype=np.float32); lo, hi = ldl.central_interval(p, g); "
+          "print(lo.tolist(), hi.tolist(), round(float(ldl.distribution_std(p, g)[0]), 4), 'jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+  assert out == ["[0.0,", "0.0]", "[4.0,", "4.0]", "1.4142", "False"]

@@ -186,3 +186,30 @@ def test_float32_weights_replaces_bfloat16_casts_exactly(tmp_path):
   assert [(i.name, i.data_type) for i in model.graph.initializer] == [("w", TensorProto.FLOAT)]
   np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), w.astype(np.float32))
   np.testing.assert_array_equal(run(model), want)
+
+
+def test_onnx_runtime_path_imports_no_jax(exported, tmp_path):
+  """Loading and running an ONNX export, up to predict's records (ages, stds, intervals), needs no
+  JAX: a service starts in ONNX Runtime's time, not JAX's."""
+  _, _, path, faces = exported
+  np.save(tmp_path / "faces.npy", faces)
+  code = (f"import sys, numpy as np; from agejax import export, predict_lib; m = export.load({path!r}, 'onnx'); "
+          f"r = predict_lib.predict_faces(m, list(np.load({str(tmp_path / 'faces.npy')!r}))); "
+          "print(m.runtime, len(r), all(r_['interval90'][0] <= r_['interval90'][1] for r_ in r), 'jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["onnx", str(len(faces)), "True", "False"]
+
+
+def test_onnx_model_is_validated_against_model_json(exported, tmp_path):
+  import shutil
+  from agejax import export
+  _, _, path, _ = exported
+  meta = json.load(open(os.path.join(path, "model.json")))
+  for name, change, message in [("size", dict(image_size=48), r"model\.onnx: takes images of shape \(32, 32, 3\)"),
+                                ("grid", dict(label_grid=meta["label_grid"][:-3]), r"model\.onnx: the network gives")]:
+    d = tmp_path / name
+    shutil.copytree(path, d)
+    (d / "model.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(export.ExportError, match=message):
+      export.load(str(d), "onnx")

