@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from agejax import metrics
-
 # The temperatures tried: 0.25 .. 16 on a log scale (coverage is monotone in T).
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(16.0), 241))
 
@@ -39,6 +37,7 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 def coverage(probs, grid, ages, mass: float = 0.9) -> float:
   """The share of `ages` inside their distribution's central `mass` interval (`metrics.interval_coverage`)."""
+  from agejax import metrics  # JAX: fitting only; predict's `apply_temperature` needs numpy alone
   return float(metrics.interval_coverage(np.asarray(probs, np.float32), np.asarray(grid, np.float32),
                                          np.asarray(ages, np.float32), mass))
 

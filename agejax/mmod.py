@@ -278,26 +278,65 @@ def output_size(n: int, weights: MMODWeights) -> int:
   return n
 
 
+# ONNX's protobuf messages, written directly (the wire format: field number << 3 | wire type, varint
+# or length-delimited; onnx/onnx.proto's field numbers): the detector's graph needs a handful of
+# fields, and the `onnx` package takes half a second to import in every detection worker.
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+    n >>= 7
+    if not n:
+      return bytes(out)
+
+
+def _int(field: int, n: int) -> bytes:
+  return _varint(field << 3) + _varint(n)
+
+
+def _bytes(field: int, data) -> bytes:
+  data = data.encode() if isinstance(data, str) else bytes(data)
+  return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+FLOAT, ATTR_INTS = 1, 7   # TensorProto.FLOAT, AttributeProto.INTS
+
+
+def _tensor(name: str, array: np.ndarray) -> bytes:        # TensorProto: dims 1, data_type 2, name 8, raw_data 9
+  array = np.ascontiguousarray(array, "<f4")
+  return b"".join(_int(1, d) for d in array.shape) + _int(2, FLOAT) + _bytes(8, name) + _bytes(9, array.tobytes())
+
+
+def _value_info(name: str, dims) -> bytes:                # ValueInfoProto { name 1, type 2 { tensor_type 1 {
+  shape = b"".join(_bytes(1, _int(1, d) if isinstance(d, int) else _bytes(2, d) if d else b"") for d in dims)
+  return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, FLOAT) + _bytes(2, shape)))  # elem_type 1, shape 2 } } }
+
+
+def _node(op: str, inputs, outputs, **ints) -> bytes:     # NodeProto: input 1, output 2, op_type 4, attribute 5
+  attrs = b"".join(_bytes(5, _bytes(1, k) + b"".join(_int(8, v) for v in vs) + _int(20, ATTR_INTS))
+                   for k, vs in sorted(ints.items()))       # AttributeProto: name 1, ints 8, type 20
+  return b"".join(_bytes(1, i) for i in inputs) + b"".join(_bytes(2, o) for o in outputs) + _bytes(4, op) + attrs
+
+
 def onnx_model(weights: MMODWeights) -> bytes:
-  """The network as a serialized ONNX model: input "x" (1, 3, H, W) float32, output "scores"
-  (1, 1, H', W'); H and W dynamic. Needs the `onnx` package."""
-  from onnx import TensorProto, helper, numpy_helper
+  """The network as a serialized ONNX model (opset 17, IR 8): input "x" (1, 3, H, W) float32,
+  output "scores" (1, 1, H', W'); H and W dynamic. Written without the `onnx` package."""
   nodes, inits, x = [], [], "x"
   for i, (kernel, bias, stride, pad) in enumerate(weights.convs):
-    inits += [numpy_helper.from_array(kernel, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+    inits += [_tensor(f"w{i}", kernel), _tensor(f"b{i}", bias)]
     out = "scores" if i == len(weights.convs) - 1 else f"c{i}"
-    nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [out], strides=[stride] * 2, pads=[pad] * 4,
-                                  kernel_shape=list(kernel.shape[2:])))
+    nodes.append(_node("Conv", [x, f"w{i}", f"b{i}"], [out], strides=[stride] * 2, pads=[pad] * 4,
+                       kernel_shape=list(kernel.shape[2:])))
     x = out
     if i < len(weights.convs) - 1:
-      nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+      nodes.append(_node("Relu", [x], [f"r{i}"]))
       x = f"r{i}"
-  graph = helper.make_graph(nodes, "mmod_face_detector",
-                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
-                            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, None, None])], inits)
-  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="agejax.mmod")
-  model.ir_version = 8
-  return model.SerializeToString()
+  graph = (b"".join(_bytes(1, n) for n in nodes) + _bytes(2, "mmod_face_detector")  # GraphProto: node 1, name 2,
+           + b"".join(_bytes(5, t) for t in inits)                                   # initializer 5,
+           + _bytes(11, _value_info("x", [1, 3, "H", "W"]))                          # input 11, output 12
+           + _bytes(12, _value_info("scores", [1, 1, None, None])))
+  # ModelProto: ir_version 1, producer_name 2, graph 7, opset_import 8 { domain 1, version 2 }
+  return _int(1, 8) + _bytes(2, "agejax.mmod") + _bytes(7, graph) + _bytes(8, _bytes(1, "") + _int(2, 17))
 
 
 def jax_scores(weights: MMODWeights, x):
@@ -317,15 +356,15 @@ class MMODDetector:
   """dlib's CNN face detector: `detector(rgb, upsample=0)` -> [((left, top, right, bottom), score)],
   best first, in the photo's pixels; faces from about 60-80 px (30-40 px with upsample=1) upwards.
 
-  runtime "onnx" (ONNX Runtime, needs `onnxruntime` and `onnx`: pip install 'agejax[onnx]') or
-  "jax"; "auto" takes ONNX Runtime where onnxruntime and onnx are installed. `threads`: ONNX
+  runtime "onnx" (ONNX Runtime, needs `onnxruntime`: pip install 'agejax[onnx]') or
+  "jax"; "auto" takes ONNX Runtime where onnxruntime is installed. `threads`: ONNX
   Runtime's intra-op threads (default: one per core; `agejax.faces`' detection workers, one process
   per core, ask for 1). Gray (H, W) and RGBA photos are taken as RGB."""
 
   def __init__(self, path: str | None = None, runtime: str = "auto", threads: int | None = None):
     self.weights = read_mmod(path)
     if runtime == "auto":
-      runtime = "onnx" if onnx_export.available(build=True) else "jax"
+      runtime = "onnx" if onnx_export.available() else "jax"
     if runtime not in ("onnx", "jax"):
       raise ValueError(f"runtime {runtime!r}: auto, onnx or jax")
     self.runtime = runtime

@@ -26,12 +26,12 @@ class OnnxUnavailable(ImportError):
   """ONNX Runtime (or, to convert, jax2onnx) is not installed."""
 
 
-def available(convert: bool = False, build: bool = False) -> bool:
-  """Whether ONNX Runtime is installed, and onnx where a graph is to be built (`build`: the face
-  detector's, agejax.mmod) or jax2onnx and onnx where one is to be converted (`convert`). Imports
+def available(convert: bool = False) -> bool:
+  """Whether ONNX Runtime is installed (what runs an exported model and the face detector's graph,
+  `agejax.mmod`), and jax2onnx and onnx where a model is to be converted (`convert`). Imports
   nothing (no JAX)."""
   import importlib.util
-  need = ["onnxruntime"] + (["onnx"] if build or convert else []) + (["jax2onnx"] if convert else [])
+  need = ["onnxruntime"] + (["onnx", "jax2onnx"] if convert else [])
   return all(importlib.util.find_spec(m) is not None for m in need)
 
 
@@ -243,6 +243,7 @@ class OnnxRunner:
     opts.intra_op_num_threads = threads or _cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     self.input = self.session.get_inputs()[0].name
     self.names = [o.name for o in self.session.get_outputs()]

@@ -35,7 +35,6 @@ def photos():
 @pytest.fixture(scope="module")
 def detector():
   pytest.importorskip("onnxruntime")
-  pytest.importorskip("onnx")
   return mmod.MMODDetector(runtime="onnx")
 
 
@@ -134,13 +133,39 @@ def test_photos_too_small_for_the_network_hold_no_faces(detector):
   assert mmod.output_size(29, detector.weights) == 1 and mmod.output_size(28, detector.weights) == 0
 
 
-def test_reading_the_detector_loads_no_jax():
+def test_reading_the_detector_loads_no_jax_and_no_onnx_package():
   import subprocess
   import sys
   code = ("import sys; from agejax import faces; faces._start_worker(faces.FaceAligner().settings); "
-          "assert faces._worker_aligner.cnn.runtime == 'onnx'; print('jax' in sys.modules, 'flax' in sys.modules)")
+          "assert faces._worker_aligner.cnn.runtime == 'onnx'; "
+          "print('jax' in sys.modules, 'flax' in sys.modules, 'onnx' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-  assert out.stdout.split() == ["False", "False"], out.stderr  # a detection worker stays light
+  assert out.stdout.split() == ["False", "False", "False"], out.stderr  # a detection worker stays light
+
+
+def test_the_written_graph_is_the_one_onnx_helper_builds():
+  """The protobuf mmod writes itself is a valid ONNX model, field for field onnx.helper's."""
+  onnx = pytest.importorskip("onnx")
+  from onnx import TensorProto, helper, numpy_helper
+  w = mmod.read_mmod()
+  ours = onnx.load_from_string(mmod.onnx_model(w))
+  onnx.checker.check_model(ours, full_check=True)
+  nodes, inits, x = [], [], "x"
+  for i, (kernel, bias, stride, pad) in enumerate(w.convs):
+    inits += [numpy_helper.from_array(kernel, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+    out = "scores" if i == len(w.convs) - 1 else f"c{i}"
+    nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [out], strides=[stride] * 2, pads=[pad] * 4,
+                                  kernel_shape=list(kernel.shape[2:])))
+    x = out
+    if i < len(w.convs) - 1:
+      nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+      x = f"r{i}"
+  graph = helper.make_graph(nodes, "mmod_face_detector",
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, None, None])], inits)
+  want = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="agejax.mmod")
+  want.ir_version = 8
+  assert ours == want
 
 
 def test_gray_and_rgba_photos_are_taken_as_rgb(photos, detector):

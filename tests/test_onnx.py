@@ -191,7 +191,12 @@ def test_float32_weights_replaces_bfloat16_casts_exactly(tmp_path):
 def test_onnx_runtime_path_imports_no_jax(exported, tmp_path):
   """Loading and running an ONNX export, up to predict's records (ages, stds, intervals), needs no
   JAX: a service starts in ONNX Runtime's time, not JAX's."""
-  _, _, path, faces = exported
+  import shutil
+  _, _, src, faces = exported
+  path = str(tmp_path / "calibrated")
+  shutil.copytree(src, path)
+  meta = json.load(open(os.path.join(path, "model.json")))
+  json.dump({**meta, "calibration": {"temperature": 1.3}}, open(os.path.join(path, "model.json"), "w"))  # as shipped
   np.save(tmp_path / "faces.npy", faces)
   code = (f"import sys, numpy as np; from agejax import export, predict_lib; m = export.load({path!r}, 'onnx'); "
           f"r = predict_lib.predict_faces(m, list(np.load({str(tmp_path / 'faces.npy')!r}))); "
