@@ -147,25 +147,36 @@ def test_the_written_graph_is_the_one_onnx_helper_builds():
   """The protobuf mmod writes itself is a valid ONNX model, field for field onnx.helper's."""
   onnx = pytest.importorskip("onnx")
   from onnx import TensorProto, helper, numpy_helper
-  w = mmod.read_mmod()
-  ours = onnx.load_from_string(mmod.onnx_model(w))
+  convs, _ = mmod.fast_form(mmod.read_mmod())
+  ours = onnx.load_from_string(mmod.onnx_model(convs, "taps"))
   onnx.checker.check_model(ours, full_check=True)
   nodes, inits, x = [], [], "x"
-  for i, (kernel, bias, stride, pad) in enumerate(w.convs):
+  for i, (kernel, bias, stride, pad) in enumerate(convs):
     inits += [numpy_helper.from_array(kernel, f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
-    out = "scores" if i == len(w.convs) - 1 else f"c{i}"
+    out = "taps" if i == len(convs) - 1 else f"c{i}"
     nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [out], strides=[stride] * 2, pads=[pad] * 4,
                                   kernel_shape=list(kernel.shape[2:])))
     x = out
-    if i < len(w.convs) - 1:
+    if i < len(convs) - 1:
       nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
       x = f"r{i}"
   graph = helper.make_graph(nodes, "mmod_face_detector",
                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
-                            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, None, None])], inits)
+                            [helper.make_tensor_value_info("taps", TensorProto.FLOAT, [1, 81, None, None])], inits)
   want = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="agejax.mmod")
   want.ir_version = 8
   assert ours == want
+
+
+def test_the_fast_form_computes_dlibs_network(photos, detector):
+  """48 channels and the score layer as shifted taps: the plain network's scores, to float rounding."""
+  convs, score = mmod.fast_form(detector.weights)
+  assert [c[0].shape[0] for c in convs] == [16, 32, 32, 48, 48, 48, 81] and score[:3] == (9, 9, 4)
+  x, _ = mmod.tiled_pyramid(photos[0], detector.weights)
+  want = np.asarray(mmod.jax_scores(detector.weights, x))
+  got = detector.session.run(None, {"x": x[None]})[0][0]
+  np.testing.assert_allclose(mmod.score_from_taps(got, score), want, atol=2e-4)
+  assert want.max() > 0.5  # the photo's face: the comparison covers a detection
 
 
 def test_gray_and_rgba_photos_are_taken_as_rgb(photos, detector):
