@@ -243,7 +243,6 @@ class OnnxRunner:
     opts.intra_op_num_threads = threads or _cores()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     self.input = self.session.get_inputs()[0].name
     self.names = [o.name for o in self.session.get_outputs()]
