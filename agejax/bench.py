@@ -138,7 +138,7 @@ def pipeline_rate(dataset: str, size: int, batch: int, workers: int, batches: in
           "images_per_s": round(rate, 1)}
 
 
-def _scan_photos(utkface: str, count: int):
+def scan_photos(utkface: str, count: int):
   """`count` of agejax.hard_photos' album scans of UTKFace test faces (labels.csv beside the archive
   names the test split)."""
   from agejax import hard_photos
@@ -163,7 +163,7 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
   from agejax import export, faces, hard_photos, predict_lib
   model = export.load(model_dir or predict_lib.DEFAULT_MODEL, runtime)
   aligner = None if aligned else faces.FaceAligner(detector=detector)
-  scans = _scan_photos(utkface, count) if photo_set == "scans" else None
+  scans = scan_photos(utkface, count) if photo_set == "scans" else None
   if scans is None:
     photo = data.astronaut()
     base = faces.FaceAligner()(photo)[0].chip if aligned else photo
@@ -206,7 +206,7 @@ def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], p
   Runtime thread, as in a detection worker)."""
   from agejax import faces, hard_photos
   if photo_set == "scans":
-    photos = _scan_photos(utkface, 2 * photos_per_condition)
+    photos = scan_photos(utkface, 2 * photos_per_condition)
   else:
     chips = hard_photos.utkface_chips(utkface, 400)
     photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)

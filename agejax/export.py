@@ -126,8 +126,9 @@ class ExportedModel:
       raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}.")
     meta_path = os.path.join(path, "model.json")
     blob_path = os.path.join(path, "model.jaxexport")
-    if not (os.path.exists(meta_path) and os.path.exists(blob_path)):
-      raise FileNotFoundError(f"{path}: not an exported agejax model (needs model.json and model.jaxexport).")
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(f"{path}: not an exported agejax model (needs model.json and model.jaxexport "
+                              "or model.onnx).")
     try:
       with open(meta_path) as f:
         self.meta = json.load(f)
@@ -152,10 +153,19 @@ class ExportedModel:
     self.onnx, self._exported = None, None
     if runtime in files:  # ONNX Runtime alone: no JAX is imported on this path
       self.runtime = runtime
-      self.onnx = onnx_export.OnnxRunner(files[runtime])
+      try:
+        self.onnx = onnx_export.OnnxRunner(files[runtime])
+      except onnx_export.OnnxUnavailable:
+        raise
+      except Exception as e:  # ONNX Runtime's InvalidProtobuf, Fail, ... on a damaged file
+        raise ExportError(f"{files[runtime]}: not a model ONNX Runtime can load (damaged or truncated?): "
+                          f"{type(e).__name__}: {e}") from None
       (in_shape, shapes), source = self.onnx.shapes(), files[runtime]
     else:
       self.runtime = "jax"
+      if not os.path.exists(blob_path):
+        raise FileNotFoundError(f"{path}: no model.jaxexport (the jax runtime's); use --runtime onnx, or export "
+                                "the model again.")
       from jax import export as jax_export
       try:
         with open(blob_path, "rb") as f:

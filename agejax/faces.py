@@ -80,7 +80,7 @@ class FaceAligner:
   half that are doubled first); dlib's frontal HOG detector where the CNN finds nothing (upsampled
   `upsample` times on photos up to SMALL_PHOTO_SIDE: small faces in mid-sized photos), and on
   photos over AUTO_HOG_SIDE on the full photo beside the CNN (for faces the shrinking made too
-  small), the two merged. Without onnxruntime (dlib's own CNN, about 19x slower here): HOG
+  small), the two merged. Without onnxruntime (dlib's own CNN, about 25x slower here): HOG
   first, upsampled `upsample` times on photos up to SMALL_PHOTO_SIDE, and the CNN only where HOG
   finds nothing, on the photo shrunk to SLOW_CNN_MAX_SIDE.
   "hog": HOG alone (upsampled `upsample` times on every photo). "cnn": the CNN alone (upsample
@@ -178,16 +178,19 @@ CNN_RUNTIMES = ("auto", "onnx", "jax", "dlib")
 
 
 def resolve_cnn_runtime(runtime: str) -> str:
-  """`runtime` (one of CNN_RUNTIMES) with "auto" made onnx (onnxruntime installed) or dlib."""
+  """`runtime` (one of CNN_RUNTIMES) with "auto" made onnx (onnxruntime installed) or dlib;
+  ImportError for "onnx" without onnxruntime."""
   from agejax import onnx_export
   if runtime not in CNN_RUNTIMES:
     raise ValueError(f"CNN detector runtime {runtime!r}: one of {', '.join(CNN_RUNTIMES)}.")
+  if runtime == "onnx" and not onnx_export.available():
+    raise ImportError("The CNN detector's ONNX runtime needs onnxruntime: pip install 'agejax[onnx]'.")
   return runtime if runtime != "auto" else "onnx" if onnx_export.available() else "dlib"
 
 
 def cnn_detector(runtime: str = "auto", threads: int | None = None):
   """dlib's CNN face detector as `detect(rgb, upsample) -> [((left, top, right, bottom), score)]`:
-  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 19x dlib-bin's speed here) or XLA
+  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 25x dlib-bin's speed here) or XLA
   ("jax"), or dlib's own ("dlib"). "auto": the port in ONNX Runtime where onnxruntime is
   installed (`pip install 'agejax[onnx]'`), else dlib's. `threads`: the port's ONNX Runtime
   threads (default one per core)."""
@@ -270,9 +273,9 @@ def find_faces(path: str, aligned: bool, aligner: FaceAligner | None, keep_photo
 
 _worker_aligner: FaceAligner | None = None
 # Files queued a detection worker: enough that workers keep detecting while the caller runs the
-# network on a batch (2 a worker left them idle: album scans 22.4 -> 24-25 photos/s on 2 cores
-# with 8, docs/PERFORMANCE.md).
-FILES_AHEAD = 8
+# network on a batch (2 a worker left them idle; docs/PERFORMANCE.md). Where the results keep their
+# decoded photos (--annotate), 2 a worker: a queue of large photos would hold gigabytes.
+FILES_AHEAD, FILES_AHEAD_WITH_PHOTOS = 8, 2
 
 
 def _start_worker(settings: dict):
@@ -288,7 +291,7 @@ def find_faces_in_files(paths: list[str], aligned: bool, aligner: FaceAligner | 
                         keep_photo: bool = True):
   """find_faces for each path, in order. With `workers` > 0 (and detection to do), that many
   processes detect faces in parallel, each with its own FaceAligner(**aligner.settings), up to
-  FILES_AHEAD a worker ahead of the caller; 0 detects in this process."""
+  FILES_AHEAD a worker ahead of the caller (FILES_AHEAD_WITH_PHOTOS with `keep_photo`); 0 detects in this process."""
   if workers <= 0 or aligned or len(paths) < 2:
     for p in paths:
       yield find_faces(p, aligned, aligner, keep_photo)
@@ -298,9 +301,10 @@ def find_faces_in_files(paths: list[str], aligned: bool, aligner: FaceAligner | 
   from concurrent.futures import ProcessPoolExecutor
 
   todo = iter(paths)
+  ahead = FILES_AHEAD_WITH_PHOTOS if keep_photo else FILES_AHEAD
   with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # no fork beside JAX
                            initializer=_start_worker, initargs=(aligner.settings,)) as pool:
-    window = collections.deque(pool.submit(_find_in_worker, p, keep_photo) for _, p in zip(range(FILES_AHEAD * workers), todo))
+    window = collections.deque(pool.submit(_find_in_worker, p, keep_photo) for _, p in zip(range(ahead * workers), todo))
     while window:
       result = window.popleft().result()
       nxt = next(todo, None)

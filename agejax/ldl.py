@@ -185,7 +185,7 @@ def expectation(probs, grid) -> jax.Array:
       Learning", IJCAI 2018, Eq. 6.
   """
   xp = _xp(probs, grid)
-  return xp.sum(_f32(probs, xp) * _f32(grid, xp), axis=-1)
+  return xp.asarray(xp.sum(_f32(probs, xp) * _f32(grid, xp), axis=-1))
 
 
 def expectation_from_logits(logits, grid) -> jax.Array:
@@ -226,7 +226,7 @@ def distribution_std(probs, grid) -> jax.Array:
   probs, grid = _f32(probs, xp), _f32(grid, xp)
   mean = expectation(probs, grid)
   var = xp.sum(probs * (grid - mean[..., None]) ** 2, axis=-1)
-  return xp.sqrt(xp.maximum(var, 0.0))
+  return xp.asarray(xp.sqrt(xp.maximum(var, xp.float32(0.0))))
 
 
 def quantile(probs, grid, q) -> jax.Array:
@@ -245,8 +245,8 @@ def quantile(probs, grid, q) -> jax.Array:
   """
   xp = _xp(probs, grid, q)
   cdf = cumulative(_f32(probs, xp))
-  idx = xp.sum(cdf < xp.asarray(q, xp.float32) - 1e-6, axis=-1)
-  return _f32(grid, xp)[xp.clip(idx, 0, cdf.shape[-1] - 1)]
+  idx = xp.sum(cdf < xp.asarray(q, xp.float32)[..., None] - xp.float32(1e-6), axis=-1)  # q: scalar or (...,)
+  return xp.asarray(_f32(grid, xp)[xp.clip(idx, 0, cdf.shape[-1] - 1)])
 
 
 def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Array]:
@@ -281,7 +281,7 @@ def central_interval(probs, grid, mass: float = 0.9) -> tuple[jax.Array, jax.Arr
   lo = xp.sum(cdf <= tail + 1e-6, axis=-1)          # labels wholly inside the lower tail
   hi = xp.sum(cdf < 1.0 - tail - 1e-6, axis=-1)     # the first label reaching 1 - tail
   g = _f32(grid, xp)
-  return g[xp.clip(lo, 0, k - 1)], g[xp.clip(hi, 0, k - 1)]
+  return xp.asarray(g[xp.clip(lo, 0, k - 1)]), xp.asarray(g[xp.clip(hi, 0, k - 1)])
 
 
 def nearest_label_index(ages, grid) -> jax.Array:

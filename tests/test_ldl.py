@@ -166,3 +166,17 @@ def test_numpy_readouts_import_no_jax():
           "print(lo.tolist(), hi.tolist(), round(float(ldl.distribution_std(p, g)[0]), 4), 'jax' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
   assert out == ["[0.0,", "0.0]", "[4.0,", "4.0]", "1.4142", "False"]
+
+
+def test_quantile_takes_one_level_per_distribution_and_1d_inputs_give_arrays():
+  grid = np.arange(3, dtype=np.float32)
+  probs = np.eye(3, dtype=np.float32)[[0, 1, 2]] * 0.8 + 0.2 / 3  # modes at 0, 1, 2
+  for p, g in ((probs, grid), (jnp.asarray(probs), jnp.asarray(grid))):
+    np.testing.assert_array_equal(np.asarray(ldl.quantile(p, g, np.array([0.5, 0.5, 0.5]))), [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(ldl.quantile(p, g, np.array([0.05, 0.5, 0.99]))), [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(ldl.quantile(p, g, 0.99)), [2, 2, 2])
+  one = probs[1]
+  for fn in (lambda: ldl.expectation(one, grid), lambda: ldl.distribution_std(one, grid),
+             lambda: ldl.quantile(one, grid, 0.5), lambda: ldl.central_interval(one, grid)[0]):
+    out = fn()
+    assert isinstance(out, np.ndarray) and out.shape == () and out.dtype == np.float32

@@ -196,7 +196,8 @@ def test_onnx_runtime_path_imports_no_jax(exported, tmp_path):
   path = str(tmp_path / "calibrated")
   shutil.copytree(src, path)
   meta = json.load(open(os.path.join(path, "model.json")))
-  json.dump({**meta, "calibration": {"temperature": 1.3}}, open(os.path.join(path, "model.json"), "w"))  # as shipped
+  with open(os.path.join(path, "model.json"), "w") as f:
+    json.dump({**meta, "calibration": {"temperature": 1.3}}, f)  # as the bundled model ships
   np.save(tmp_path / "faces.npy", faces)
   code = (f"import sys, numpy as np; from agejax import export, predict_lib; m = export.load({path!r}, 'onnx'); "
           f"r = predict_lib.predict_faces(m, list(np.load({str(tmp_path / 'faces.npy')!r}))); "
@@ -218,3 +219,14 @@ def test_onnx_model_is_validated_against_model_json(exported, tmp_path):
     (d / "model.json").write_text(json.dumps({**meta, **change}))
     with pytest.raises(export.ExportError, match=message):
       export.load(str(d), "onnx")
+  d = tmp_path / "damaged"
+  shutil.copytree(path, d)
+  blob = (d / "model.onnx").read_bytes()
+  (d / "model.onnx").write_bytes(blob[: len(blob) // 2])
+  with pytest.raises(export.ExportError, match=r"damaged/model\.onnx: not a model ONNX Runtime can load"):
+    export.load(str(d), "onnx")
+  (d / "model.jaxexport").unlink()  # ONNX alone needs no jax.export artifact; the jax runtime does
+  shutil.copy(os.path.join(path, "model.onnx"), d / "model.onnx")
+  assert export.load(str(d), "onnx").predict(np.zeros((1, 32, 32, 3), np.uint8))["age"].shape == (1,)
+  with pytest.raises(FileNotFoundError, match="no model.jaxexport"):
+    export.load(str(d), "jax")

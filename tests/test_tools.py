@@ -357,7 +357,7 @@ def test_bench_predict_on_scans_counts_the_placed_faces_it_finds(tmp_path):
       tar.addfile(info, io.BytesIO(buf.getvalue()))
   (tmp_path / "labels.csv").write_text("filename,split\n" + "".join(f"{n},test\n" for n in names))
   r = bench.predict_rate(None, aligned=False, count=3, photo_set="scans", utkface=str(tmp_path / "UTKFace.tar.gz"))
-  placed = sum(len(p.faces) for p in bench._scan_photos(str(tmp_path / "UTKFace.tar.gz"), 3))
+  placed = sum(len(p.faces) for p in bench.scan_photos(str(tmp_path / "UTKFace.tar.gz"), 3))
   blanks = sum(1 for j in range(placed) if j % 3 == 1)  # hard_photos pastes the chips in turn
   assert r["photos_set"] == "scans" and r["photos"] == 3 and r["faces_placed"] == placed >= 3 and blanks >= 1
   assert r["faces_found"] == r["faces"] == placed - blanks and r["recall"] == round((placed - blanks) / placed, 3)
@@ -430,3 +430,31 @@ def test_bench_refuses_flags_of_another_mode(capsys):
       bench.main(argv)
   err = capsys.readouterr().err
   assert "drop --aligned" in err and "--cnn_runtime is detect mode's" in err and "predict mode's" in err
+
+
+def _compare_peer():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("compare_peer", os.path.join(experiments.ROOT, "bench", "compare_peer.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_compare_peer_reads_a_commands_faces_and_scores_them(tmp_path):
+  """Each command's JSON lines become faces per file; a face counts once, other boxes are false."""
+  import json
+  cp = _compare_peer()
+  a, b = str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")
+  lines = [{"file": a, "faces": [{"box": [10, 10, 70, 70]}]},
+           {"file": b, "faces": [{"box": [210, 10, 270, 70]}, {"box": [215, 15, 265, 65]}, {"box": [500, 500, 560, 560]}]}]
+  code = "import json\n" + "\n".join(f"print(json.dumps(json.loads({json.dumps(x)!r})))" for x in lines) + "\nprint('noise')"
+  seconds, found = cp.run_command([sys.executable, "-c", code])
+  assert found == {os.path.realpath(a): [(10, 10, 70, 70)],
+                   os.path.realpath(b): [(210, 10, 270, 70), (215, 15, 265, 65), (500, 500, 560, 560)]}
+  truth = {os.path.realpath(a): [(0, 0, 100, 100)], os.path.realpath(b): [(200, 0, 300, 100), (600, 0, 700, 100)]}
+  r = cp.score("peer", 2.0, found, truth, 2)
+  # a: found; b: the first face found once (the second box on it is false), the second face missed
+  assert (r["faces_placed"], r["faces_found"], r["false_detections"], r["recall"]) == (3, 2, 2, 0.667)
+  assert r["photos_per_s"] == 1.0 and r["faces"] == 4
+  with pytest.raises(SystemExit, match="failed"):
+    cp.run_command([sys.executable, "-c", "raise SystemExit(3)"])
