@@ -166,6 +166,26 @@ def test_the_written_graph_is_the_one_onnx_helper_builds():
   want = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="agejax.mmod")
   want.ir_version = 8
   assert ours == want
+  node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
+                          coordinate_transformation_mode="align_corners")
+  graph = helper.make_graph([node], "mmod_pyramid_level",
+                            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"]),
+                             helper.make_tensor_value_info("sizes", TensorProto.INT64, [4])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, None, None])])
+  want = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="agejax.mmod")
+  want.ir_version = 8
+  ours = onnx.load_from_string(mmod.resize_model())
+  onnx.checker.check_model(ours, full_check=True)
+  assert ours == want
+
+
+def test_onnx_runtimes_pyramid_is_dlibs(photos, detector):
+  """The levels resized by ONNX Runtime (the ONNX runtime's pyramid) are numpy's, dlib's way."""
+  for rgb in photos:
+    want, rects = mmod.tiled_pyramid(rgb, detector.weights)
+    got, rects2 = mmod.tiled_pyramid(rgb, detector.weights, detector._resize)
+    assert rects2 == rects and len(rects) > 10
+    np.testing.assert_allclose(got, want, atol=2e-4)
 
 
 def test_the_fast_form_computes_dlibs_network(photos, detector):
