@@ -161,7 +161,8 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
   from skimage import data
 
   from agejax import export, faces, hard_photos, predict_lib
-  model = export.load(model_dir or predict_lib.DEFAULT_MODEL, runtime)
+  model = export.load(model_dir or predict_lib.DEFAULT_MODEL, runtime,  # as predict: one network thread beside workers
+                      threads=1 if workers and not aligned else None)
   aligner = None if aligned else faces.FaceAligner(detector=detector)
   scans = scan_photos(utkface, count) if photo_set == "scans" else None
   if scans is None:

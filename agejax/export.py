@@ -121,7 +121,7 @@ class ExportedModel:
   shape against image_size and its distribution's width against the label grid.
   """
 
-  def __init__(self, path: str, runtime: str = "auto"):
+  def __init__(self, path: str, runtime: str = "auto", threads: int | None = None):
     if runtime not in RUNTIMES:
       raise ValueError(f"runtime {runtime!r}: one of {', '.join(RUNTIMES)}.")
     meta_path = os.path.join(path, "model.json")
@@ -154,7 +154,7 @@ class ExportedModel:
     if runtime in files:  # ONNX Runtime alone: no JAX is imported on this path
       self.runtime = runtime
       try:
-        self.onnx = onnx_export.OnnxRunner(files[runtime])
+        self.onnx = onnx_export.OnnxRunner(files[runtime], threads)
       except onnx_export.OnnxUnavailable:
         raise
       except Exception as e:  # ONNX Runtime's InvalidProtobuf, Fail, ... on a damaged file
@@ -278,8 +278,10 @@ def quantize(out_dir: str, config, mode: str = "static", data_dir: str | None = 
   return record_in_meta(out_dir, "int8", record)
 
 
-def load(path: str, runtime: str = "auto") -> ExportedModel:
-  return ExportedModel(path, runtime)
+def load(path: str, runtime: str = "auto", threads: int | None = None) -> ExportedModel:
+  """The exported model in `path`; `threads`: ONNX Runtime's intra-op threads (default one per core;
+  `predict` asks for 1 where detection workers take the other cores)."""
+  return ExportedModel(path, runtime, threads)
 
 
 def main(argv=None):

@@ -275,3 +275,20 @@ def test_missing_faces_extra_names_it(monkeypatch):
   monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now raises ImportError
   with pytest.raises(ImportError, match=r"pip install 'agejax\[faces\]'"):
     faces.FaceAligner()
+
+
+def test_the_network_takes_one_thread_where_detection_workers_take_the_cores(tmp_path):
+  """predict loads the model with one ONNX Runtime thread when worker processes detect faces (the
+  cores are theirs), with the default (one per core) otherwise."""
+  for i in range(4):
+    Image.new("RGB", (40, 40)).save(tmp_path / f"{i}.jpg")
+  code = ("import sys\nfrom absl import app\nfrom agejax import export\nfrom agejax.tools import predict\nseen = []\n"
+          "def fake(path, runtime='auto', threads=None):\n  seen.append(threads)\n  raise export.ExportError('stop')\n"
+          "export.load = fake\ntry:\n  app.run(predict.main, argv=['predict'] + sys.argv[1:])\n"
+          "except SystemExit:\n  pass\nprint(seen)")
+  folder, one = str(tmp_path), str(tmp_path / "0.jpg")
+  cases = [([folder], "[1]"), ([one], "[None]"), ([folder, "--workers", "0"], "[None]"),
+           ([folder, "--workers", "3"], "[1]"), ([folder, "--aligned"], "[None]")]
+  for args, want in cases:
+    p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip().splitlines()[-1] == want, (args, p.stdout, p.stderr[-1000:])

@@ -58,14 +58,15 @@ def main(argv):
     raise app.UsageError("Name at least one photo, video or folder.")
   from agejax import export, predict_lib
   model_dir = FLAGS.model or (os.path.join(FLAGS.workdir, "export") if FLAGS.workdir else predict_lib.DEFAULT_MODEL)
-  try:
-    model = export.load(model_dir, FLAGS.runtime)
+  files = predict_lib.expand_paths(paths)
+  photos = [f for f in files if not f.lower().endswith(predict_lib.VIDEO_EXTENSIONS)]
+  try:  # one network thread where detection workers take the cores (docs/PERFORMANCE.md)
+    model = export.load(model_dir, FLAGS.runtime, threads=1 if _detection_workers(len(photos)) else None)
   except (FileNotFoundError, export.ExportError, ImportError) as e:
     hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
             if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
     print(f"error: {e}{hint}", file=sys.stderr)
     return 2
-  files = predict_lib.expand_paths(paths)
   if not files:
     print(f"error: no images or videos ({', '.join(predict_lib.IMAGE_EXTENSIONS + predict_lib.VIDEO_EXTENSIONS)}) "
           f"in {', '.join(paths)}.", file=sys.stderr)
@@ -121,6 +122,16 @@ def _videos(model, paths, targets) -> int:
   return errors
 
 
+def _detection_workers(photos: int) -> int:
+  """Face-detection processes for `photos` photos: --workers, else one per core (at most 8) for 4
+  photos or more (measured: docs/PERFORMANCE.md); none for --aligned chips."""
+  if FLAGS.aligned:
+    return 0
+  if FLAGS.workers is not None:
+    return FLAGS.workers
+  return min(8, os.cpu_count() or 1) if photos >= 4 else 0
+
+
 def _photos(model, files, targets) -> int:
   """Each photo's faces, as --json / --csv / text say; the number of files that failed."""
   from tqdm import tqdm
@@ -128,9 +139,7 @@ def _photos(model, files, targets) -> int:
   from agejax import predict_lib
   from agejax import faces
   aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
-  workers = FLAGS.workers
-  if workers is None:
-    workers = min(8, os.cpu_count() or 1) if len(files) >= 4 else 0  # measured: docs/PERFORMANCE.md
+  workers = _detection_workers(len(files))
   records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, aligner=aligner, workers=workers,
                                       keep_photo=bool(FLAGS.annotate))
   writer = None
