@@ -80,7 +80,7 @@ class FaceAligner:
   half that are doubled first); dlib's frontal HOG detector where the CNN finds nothing (upsampled
   `upsample` times on photos up to SMALL_PHOTO_SIDE: small faces in mid-sized photos), and on
   photos over AUTO_HOG_SIDE on the full photo beside the CNN (for faces the shrinking made too
-  small), the two merged. Without onnxruntime (dlib's own CNN, about 25x slower here): HOG
+  small), the two merged. Without onnxruntime (dlib's own CNN, about 28x slower here): HOG
   first, upsampled `upsample` times on photos up to SMALL_PHOTO_SIDE, and the CNN only where HOG
   finds nothing, on the photo shrunk to SLOW_CNN_MAX_SIDE.
   "hog": HOG alone (upsampled `upsample` times on every photo). "cnn": the CNN alone (upsample
@@ -190,7 +190,7 @@ def resolve_cnn_runtime(runtime: str) -> str:
 
 def cnn_detector(runtime: str = "auto", threads: int | None = None):
   """dlib's CNN face detector as `detect(rgb, upsample) -> [((left, top, right, bottom), score)]`:
-  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 25x dlib-bin's speed here) or XLA
+  agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 28x dlib-bin's speed here) or XLA
   ("jax"), or dlib's own ("dlib"). "auto": the port in ONNX Runtime where onnxruntime is
   installed (`pip install 'agejax[onnx]'`), else dlib's. `threads`: the port's ONNX Runtime
   threads (default one per core)."""

@@ -1,5 +1,5 @@
 """dlib's CNN face detector (MMOD) without dlib: the same weights, pyramid, windows and NMS, run by
-ONNX Runtime (about 25x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
+ONNX Runtime (about 28x dlib-bin's speed on a CPU, docs/PERFORMANCE.md) or by XLA.
 
     detector = mmod.MMODDetector()                  # the installed mmod_human_face_detector.dat
     for (left, top, right, bottom), score in detector(rgb):   # best first, like dlib's
