@@ -183,9 +183,13 @@ def resolve_cnn_runtime(runtime: str) -> str:
   from agejax import onnx_export
   if runtime not in CNN_RUNTIMES:
     raise ValueError(f"CNN detector runtime {runtime!r}: one of {', '.join(CNN_RUNTIMES)}.")
-  if runtime == "onnx" and not onnx_export.available():
+  if runtime not in ("onnx", "auto"):
+    return runtime
+  if onnx_export.available():
+    return "onnx"
+  if runtime == "onnx":
     raise ImportError("The CNN detector's ONNX runtime needs onnxruntime: pip install 'agejax[onnx]'.")
-  return runtime if runtime != "auto" else "onnx" if onnx_export.available() else "dlib"
+  return "dlib"
 
 
 def cnn_detector(runtime: str = "auto", threads: int | None = None):

@@ -360,12 +360,17 @@ def fast_form(weights: MMODWeights) -> tuple[list, tuple]:
 def score_from_taps(taps: np.ndarray, score: tuple) -> np.ndarray:
   """The score map from `fast_form`'s (kh*kw, H, W) taps: sum_ij taps[i*kw + j] shifted by (i, j)."""
   kh, kw, pad, bias = score
-  taps = np.pad(taps, ((0, 0), (pad, pad), (pad, pad)))
-  rows, cols = taps.shape[1] - kh + 1, taps.shape[2] - kw + 1
+  _, h, w = taps.shape
+  rows, cols = h + 2 * pad - kh + 1, w + 2 * pad - kw + 1
   out = np.full((rows, cols), bias, np.float32)
-  for i in range(kh):
+  for i in range(kh):  # the zero padding is never built: each tap adds where it overlaps the map
+    dy = i - pad
+    y0, y1 = max(0, -dy), min(rows, h - dy)
     for j in range(kw):
-      out += taps[i * kw + j, i:i + rows, j:j + cols]
+      dx = j - pad
+      x0, x1 = max(0, -dx), min(cols, w - dx)
+      if y0 < y1 and x0 < x1:
+        out[y0:y1, x0:x1] += taps[i * kw + j, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
   return out
 
 

@@ -59,7 +59,8 @@ def main(argv):
   from agejax import export, predict_lib
   model_dir = FLAGS.model or (os.path.join(FLAGS.workdir, "export") if FLAGS.workdir else predict_lib.DEFAULT_MODEL)
   files = predict_lib.expand_paths(paths)
-  photos = [f for f in files if not f.lower().endswith(predict_lib.VIDEO_EXTENSIONS)]
+  from agejax import video
+  photos = [f for f in files if not video.is_video(f)]
   try:  # one network thread where detection workers take the cores (docs/PERFORMANCE.md)
     model = export.load(model_dir, FLAGS.runtime, threads=1 if _detection_workers(len(photos)) else None)
   except (FileNotFoundError, export.ExportError, ImportError) as e:
@@ -72,7 +73,6 @@ def main(argv):
           f"in {', '.join(paths)}.", file=sys.stderr)
     return 2
   targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
-  from agejax import video
   videos = [f for f in files if video.is_video(f)]
   files = [f for f in files if not video.is_video(f)]
   errors = 0
