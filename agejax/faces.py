@@ -293,28 +293,57 @@ def _find_in_worker(path: str, keep_photo: bool) -> tuple[dict, list]:
 
 def find_faces_in_files(paths: list[str], aligned: bool, aligner: FaceAligner | None, workers: int = 0,
                         keep_photo: bool = True):
-  """find_faces for each path, in order. With `workers` > 0 (and detection to do), that many
-  processes detect faces in parallel, each with its own FaceAligner(**aligner.settings), up to
-  FILES_AHEAD a worker ahead of the caller (FILES_AHEAD_WITH_PHOTOS with `keep_photo`); 0 detects in this process."""
+  """find_faces for each path, in order. With `workers` > 0 (and detection to do), a FaceFinder:
+  that many processes detect faces in parallel, started by this call; 0 detects in this process,
+  as the results are asked for."""
   if workers <= 0 or aligned or len(paths) < 2:
-    for p in paths:
-      yield find_faces(p, aligned, aligner, keep_photo)
-    return
-  import collections
-  import multiprocessing
-  from concurrent.futures import ProcessPoolExecutor
+    return (find_faces(p, aligned, aligner, keep_photo) for p in paths)
+  return FaceFinder(paths, aligner, workers, keep_photo)
 
-  todo = iter(paths)
-  ahead = FILES_AHEAD_WITH_PHOTOS if keep_photo else FILES_AHEAD
-  with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # no fork beside JAX
-                           initializer=_start_worker, initargs=(aligner.settings,)) as pool:
-    window = collections.deque(pool.submit(_find_in_worker, p, keep_photo) for _, p in zip(range(ahead * workers), todo))
-    while window:
-      result = window.popleft().result()
-      nxt = next(todo, None)
-      if nxt is not None:
-        window.append(pool.submit(_find_in_worker, nxt, keep_photo))
-      yield result
+
+class FaceFinder:
+  """find_faces for each path, in order, from `workers` processes, each with its own
+  FaceAligner(**aligner.settings), up to FILES_AHEAD a worker ahead of the caller
+  (FILES_AHEAD_WITH_PHOTOS with `keep_photo`).
+
+  The workers start (and load dlib and the detectors) as soon as it is made, so the caller can
+  load its network meanwhile (`predict` does). Iterate it once; `close()` (or the end of the
+  iteration, or `with`) stops the workers."""
+
+  def __init__(self, paths: list[str], aligner: FaceAligner, workers: int, keep_photo: bool = True):
+    import collections
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    self._todo, self._keep_photo = iter(paths), keep_photo
+    self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # no fork beside JAX
+                                     initializer=_start_worker, initargs=(aligner.settings,))
+    ahead = FILES_AHEAD_WITH_PHOTOS if keep_photo else FILES_AHEAD
+    self._window = collections.deque(self._submit(p) for _, p in zip(range(ahead * workers), self._todo))
+
+  def _submit(self, path: str):
+    return self._pool.submit(_find_in_worker, path, self._keep_photo)
+
+  def __iter__(self):
+    try:
+      while self._window:
+        result = self._window.popleft().result()
+        nxt = next(self._todo, None)
+        if nxt is not None:
+          self._window.append(self._submit(nxt))
+        yield result
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    """Stop the workers; files not yet detected are dropped."""
+    self._window.clear()
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def _one_face_chips(archive: str, aligner: "FaceAligner", count: int):

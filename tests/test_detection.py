@@ -232,3 +232,25 @@ def test_asking_for_the_onnx_cnn_without_onnxruntime_fails_at_once(monkeypatch):
   with pytest.raises(ImportError, match="onnxruntime"):
     faces.FaceAligner(detector="auto", cnn_runtime="onnx")
   assert faces.resolve_cnn_runtime("auto") == "dlib"  # auto falls back instead
+
+
+def test_face_finder_detects_before_it_is_iterated_and_stops_its_workers(tmp_path):
+  from skimage import data
+  paths = []
+  for i, img in enumerate([data.astronaut(), data.coffee(), data.astronaut()[:, ::-1]]):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(img).save(paths[-1])
+  aligner = faces.FaceAligner()
+  finder = faces.find_faces_in_files(paths, False, aligner, workers=2, keep_photo=False)
+  assert isinstance(finder, faces.FaceFinder)
+  futures = list(finder._window)
+  assert len(futures) == len(paths)  # all submitted when it was made
+  for f in futures:  # the workers detect with nobody asking yet: the caller's own loading overlaps them
+    f.result(timeout=120)
+  pooled = list(finder)
+  assert [r["file"] for r, _ in pooled] == paths and [len(f) for _, f in pooled] == [1, 0, 1]
+  assert not finder._pool._processes  # iterated to the end: the workers are gone
+  early = faces.FaceFinder(paths, aligner, workers=1)
+  early.close()  # closed before any result was taken: no worker left behind
+  assert not early._pool._processes
+

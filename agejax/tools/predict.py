@@ -61,30 +61,40 @@ def main(argv):
   files = predict_lib.expand_paths(paths)
   from agejax import video
   photos = [f for f in files if not video.is_video(f)]
-  try:  # one network thread where detection workers take the cores (docs/PERFORMANCE.md)
-    model = export.load(model_dir, FLAGS.runtime, threads=1 if _detection_workers(len(photos)) else None)
-  except (FileNotFoundError, export.ExportError, ImportError) as e:
-    hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
-            if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
-    print(f"error: {e}{hint}", file=sys.stderr)
-    return 2
-  if not files:
-    print(f"error: no images or videos ({', '.join(predict_lib.IMAGE_EXTENSIONS + predict_lib.VIDEO_EXTENSIONS)}) "
-          f"in {', '.join(paths)}.", file=sys.stderr)
-    return 2
-  targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
   videos = [f for f in files if video.is_video(f)]
-  files = [f for f in files if not video.is_video(f)]
-  errors = 0
+  workers = _detection_workers(len(photos))
+  found = None
   try:
-    if files:
-      errors += _photos(model, files, targets)
-    if videos:
-      errors += _videos(model, videos, targets)
-  except ImportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  total = len(files) + len(videos)
+    try:  # the detection workers start first and load dlib while this process loads the network
+      found = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate)) if photos else None
+    except ImportError as e:  # dlib missing
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    try:  # one network thread where detection workers take the cores (docs/PERFORMANCE.md)
+      model = export.load(model_dir, FLAGS.runtime, threads=1 if workers else None)
+    except (FileNotFoundError, export.ExportError, ImportError) as e:
+      hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
+              if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
+      print(f"error: {e}{hint}", file=sys.stderr)
+      return 2
+    if not files:
+      print(f"error: no images or videos ({', '.join(predict_lib.IMAGE_EXTENSIONS + predict_lib.VIDEO_EXTENSIONS)}) "
+            f"in {', '.join(paths)}.", file=sys.stderr)
+      return 2
+    targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
+    errors = 0
+    try:
+      if photos:
+        errors += _photos(model, photos, targets, found)
+      if videos:
+        errors += _videos(model, videos, targets)
+    except ImportError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  finally:
+    if isinstance(found, faces.FaceFinder):
+      found.close()
+  total = len(photos) + len(videos)
   if errors:
     print(f"{errors} of {total} files failed.", file=sys.stderr)
   return 1 if errors else 0
@@ -132,15 +142,21 @@ def _detection_workers(photos: int) -> int:
   return min(8, os.cpu_count() or 1) if photos >= 4 else 0
 
 
-def _photos(model, files, targets) -> int:
-  """Each photo's faces, as --json / --csv / text say; the number of files that failed."""
+def _start_detection(photos: list[str], workers: int, keep_photo: bool):
+  """The (record, faces) of each photo, in order, found as --detector / --upsample say: a
+  faces.FaceFinder whose `workers` processes start now, or (without workers, or for --aligned
+  chips) a lazy iterator. ImportError where dlib is missing."""
+  aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
+  return faces.find_faces_in_files(photos, FLAGS.aligned, aligner, workers, keep_photo)
+
+
+def _photos(model, files, targets, found) -> int:
+  """Each photo's faces, as --json / --csv / text say; the number of files that failed. `found`:
+  _start_detection's iterator for `files`."""
   from tqdm import tqdm
 
   from agejax import predict_lib
-  from agejax import faces
-  aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
-  workers = _detection_workers(len(files))
-  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, aligner=aligner, workers=workers,
+  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, found=found,
                                       keep_photo=bool(FLAGS.annotate))
   writer = None
   if FLAGS.csv:
