@@ -277,22 +277,24 @@ def test_missing_faces_extra_names_it(monkeypatch):
     faces.FaceAligner()
 
 
-def test_predict_starts_the_detection_workers_before_it_loads_the_network(tmp_path):
-  """The workers load dlib and the detectors while the main process loads the model; they are
-  stopped when the model cannot be loaded."""
+def test_predict_detects_while_it_loads_the_network(tmp_path):
+  """Detection starts first (worker processes, or this process on the first photo) and the model
+  loads meanwhile in a thread; the workers stop when the model cannot be loaded."""
   for i in range(4):
     Image.new("RGB", (40, 40)).save(tmp_path / f"{i}.jpg")
-  code = ("import sys\nfrom absl import app\nfrom agejax import export, faces\nfrom agejax.tools import predict\n"
+  code = ("import sys, threading\nfrom absl import app\nfrom agejax import export, faces\nfrom agejax.tools import predict\n"
           "order, finders, find, load = [], [], faces.find_faces_in_files, export.load\n"
           "def fake_find(*a, **k):\n  order.append('detect'); finders.append(find(*a, **k)); return finders[-1]\n"
-          "def fake_load(*a, **k):\n  order.append('load')\n  if '--model' in sys.argv: raise export.ExportError('stop')\n"
-          "  return load(*a, **k)\n"
+          "def fake_load(*a, **k):\n  order.append('load in ' + threading.current_thread().name.split('_')[0])\n"
+          "  if '--model' in sys.argv: raise export.ExportError('stop')\n  return load(*a, **k)\n"
           "faces.find_faces_in_files, export.load = fake_find, fake_load\ntry:\n"
           "  app.run(predict.main, argv=['predict'] + sys.argv[1:])\nexcept SystemExit as e:\n  code = e.code\n"
-          "print(order, code, type(finders[0]).__name__, len(finders[0]._pool._processes or {}))")
-  folder = str(tmp_path)
-  for args, want in (([folder, "--json"], "['detect', 'load'] 0 FaceFinder 0"),
-                     ([folder, "--model", str(tmp_path)], "['detect', 'load'] 2 FaceFinder 0")):
+          "print(order, code, type(finders[0]).__name__, len(getattr(finders[0], '_pool', None) and "
+          "finders[0]._pool._processes or {}))")
+  folder, one = str(tmp_path), str(tmp_path / "0.jpg")
+  for args, want in (([folder, "--json"], "['detect', 'load in ThreadPoolExecutor-0'] 0 FaceFinder 0"),
+                     ([folder, "--model", folder], "['detect', 'load in ThreadPoolExecutor-0'] 2 FaceFinder 0"),
+                     ([one, "--json"], "['detect', 'load in ThreadPoolExecutor-0'] 0 generator 0")):
     p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.stdout.strip().splitlines()[-1] == want, (args, p.stdout, p.stderr[-1000:])
 

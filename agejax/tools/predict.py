@@ -63,15 +63,16 @@ def main(argv):
   photos = [f for f in files if not video.is_video(f)]
   videos = [f for f in files if video.is_video(f)]
   workers = _detection_workers(len(photos))
-  found = None
+  finder = None
   try:
-    try:  # the detection workers start first and load dlib while this process loads the network
-      found = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate)) if photos else None
+    try:  # the detection starts first: dlib and the detectors load while the network does
+      finder = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate)) if photos else None
     except ImportError as e:  # dlib missing
       print(f"error: {e}", file=sys.stderr)
       return 2
     try:  # one network thread where detection workers take the cores (docs/PERFORMANCE.md)
-      model = export.load(model_dir, FLAGS.runtime, threads=1 if workers else None)
+      model, found = _load_while_detecting(
+          lambda: export.load(model_dir, FLAGS.runtime, threads=1 if workers else None), finder)
     except (FileNotFoundError, export.ExportError, ImportError) as e:
       hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
               if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
@@ -92,8 +93,8 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       return 2
   finally:
-    if isinstance(found, faces.FaceFinder):
-      found.close()
+    if isinstance(finder, faces.FaceFinder):
+      finder.close()
   total = len(photos) + len(videos)
   if errors:
     print(f"{errors} of {total} files failed.", file=sys.stderr)
@@ -148,6 +149,22 @@ def _start_detection(photos: list[str], workers: int, keep_photo: bool):
   chips) a lazy iterator. ImportError where dlib is missing."""
   aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
   return faces.find_faces_in_files(photos, FLAGS.aligned, aligner, workers, keep_photo)
+
+
+def _load_while_detecting(load, found):
+  """(load(), `found` from its start): the model loads in a thread while this one takes the first
+  photo's faces (without detection workers, dlib and the detectors load and run here meanwhile).
+  load's exceptions are raised here."""
+  if found is None:
+    return load(), None
+  import itertools
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(1) as pool:
+    loading = pool.submit(load)
+    rest = iter(found)
+    first = list(itertools.islice(rest, 1))
+    model = loading.result()
+  return model, itertools.chain(first, rest)
 
 
 def _photos(model, files, targets, found) -> int:
