@@ -22,8 +22,9 @@ ResNet-18 trunk (longer than an hour a run on 2 cores); the hour's budget spent 
 `multitask_tiny_tuned_hour`: test MAE 4.80; age alone 4.89 ± 0.04 over three seeds, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split;
 TinyAgeNet learning the bundled face model's distributions (`distill`; the teacher file is made first).
 
-cross_dataset: the bundled model's recipe trained on UTKFace, on All-Age-Faces (`configs/aaf.py`),
-on both mixed (`--config.dataset.mixture`), and on both with the photo degradations; each run is
+cross_dataset: the bundled model's recipe (DLDL-v2's loss on MTMSA's design: `*_dldl`) trained on
+UTKFace, on All-Age-Faces (`configs/aaf.py`) and on both mixed (`--config.dataset.mixture`); the
+same with the Gaussian NLL (the recipe before), and on both with the photo degradations; each run is
 scored on both test splits, and results.md gets the trained-on x tested-on table.
 
 --jobs N splits this process's cores into N groups and trains N runs at once,
@@ -59,6 +60,11 @@ _TEACHER = "runs/teacher/utkface_face_resnet.npz"
 # with the trunk at 0.03x the heads' rate: the bundled model's recipe, after the trunk's variant.
 _MTMSA_003 = ("gaussian_nll,multitask --config.model.msa_stages=(3,4) "
               "--config.optimizer.trunk_lr_factor=0.03")
+
+# The same with DLDL-v2's loss (KL to a Gaussian label + the L1 of the expectation) in place of the
+# Gaussian NLL: the bundled model's recipe since 2026-12-06 (docs/RESULTS.md).
+_BUNDLED = ("dldl_v2,multitask --config.model.msa_stages=(3,4) "
+            "--config.optimizer.trunk_lr_factor=0.03")
 
 # The mixture the cross-dataset suite trains on (and the bundled model's data).
 _MIXTURE = "utkface:0.75,aaf:0.25"
@@ -125,16 +131,21 @@ SUITES = {
         "coral2019_mtmsa_trunk003": (f"configs/utkface.py:coral2019,face_resnet,{_MTMSA_003}",
                                      "`mtmsa_trunk003` on the CORAL 2019 split (21-60)"),
     },
-    # The bundled model's recipe trained on UTKFace, on All-Age-Faces and on both; every run is also
-    # scored on each dataset of CROSS_DATASETS (the cross-dataset table, `cross_table`).
+    # The bundled model's recipe (`*_dldl`; the Gaussian NLL's before it) trained on UTKFace, on
+    # All-Age-Faces and on both; every run is also scored on each dataset of CROSS_DATASETS (the
+    # cross-dataset table, `cross_table`).
     "cross_dataset": {
-        "utkface": (f"configs/utkface.py:face_resnet,{_MTMSA_003}", "trained on UTKFace"),
-        "aaf": (f"configs/aaf.py:face_resnet,{_MTMSA_003}", "trained on All-Age-Faces"),
+        "utkface_dldl": (f"configs/utkface.py:face_resnet,{_BUNDLED}", "trained on UTKFace (bundled recipe)"),
+        "aaf_dldl": (f"configs/aaf.py:face_resnet,{_BUNDLED}", "trained on All-Age-Faces (bundled recipe)"),
+        "mixture_dldl": (f"configs/utkface.py:face_resnet,{_BUNDLED} --config.dataset.mixture={_MIXTURE}",
+                         "trained on both (bundled recipe and model)"),
+        "utkface": (f"configs/utkface.py:face_resnet,{_MTMSA_003}", "trained on UTKFace, Gaussian NLL"),
+        "aaf": (f"configs/aaf.py:face_resnet,{_MTMSA_003}", "trained on All-Age-Faces, Gaussian NLL"),
         "mixture": (f"configs/utkface.py:face_resnet,{_MTMSA_003} --config.dataset.mixture={_MIXTURE}",
-                    "trained on both (UTKFace 0.75, AAF 0.25)"),
+                    "trained on both (UTKFace 0.75, AAF 0.25), Gaussian NLL"),
         "mixture_degrade": (f"configs/utkface.py:face_resnet,degrade,{_MTMSA_003} "
                             f"--config.dataset.mixture={_MIXTURE}",
-                            "trained on both, with the photo degradations (`degrade`)"),
+                            "trained on both, with the photo degradations (`degrade`), Gaussian NLL"),
     },
 }
 
