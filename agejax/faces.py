@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -292,10 +293,10 @@ def _find_in_worker(path: str, keep_photo: bool) -> tuple[dict, list]:
 
 
 def find_faces_in_files(paths: list[str], aligned: bool, aligner: FaceAligner | None, workers: int = 0,
-                        keep_photo: bool = True):
-  """find_faces for each path, in order. With `workers` > 0 (and detection to do), a FaceFinder:
-  that many processes detect faces in parallel, started by this call; 0 detects in this process,
-  as the results are asked for."""
+                        keep_photo: bool = True) -> Iterable[tuple[dict, list]]:
+  """find_faces for each path, in order. With `workers` > 0, detection to do and two paths or
+  more: a FaceFinder, whose processes start in this call (iterate it to the end, or close() it);
+  otherwise a generator that detects in this process as the results are asked for."""
   if workers <= 0 or aligned or len(paths) < 2:
     return (find_faces(p, aligned, aligner, keep_photo) for p in paths)
   return FaceFinder(paths, aligner, workers, keep_photo)
@@ -307,18 +308,23 @@ class FaceFinder:
   (FILES_AHEAD_WITH_PHOTOS with `keep_photo`).
 
   The workers start (and load dlib and the detectors) as soon as it is made, so the caller can
-  load its network meanwhile (`predict` does). Iterate it once; `close()` (or the end of the
-  iteration, or `with`) stops the workers."""
+  load its network meanwhile (`predict` does). Iterate it once; the end of the iteration,
+  `close()`, `with` or its collection stops the workers."""
 
-  def __init__(self, paths: list[str], aligner: FaceAligner, workers: int, keep_photo: bool = True):
+  def __init__(self, paths: list[str], aligner: FaceAligner, workers: int, keep_photo: bool):
     import collections
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     self._todo, self._keep_photo = iter(paths), keep_photo
+    self._window = collections.deque()
     self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # no fork beside JAX
                                      initializer=_start_worker, initargs=(aligner.settings,))
-    ahead = FILES_AHEAD_WITH_PHOTOS if keep_photo else FILES_AHEAD
-    self._window = collections.deque(self._submit(p) for _, p in zip(range(ahead * workers), self._todo))
+    try:
+      ahead = FILES_AHEAD_WITH_PHOTOS if keep_photo else FILES_AHEAD
+      self._window.extend(self._submit(p) for _, p in zip(range(ahead * workers), self._todo))
+    except BaseException:
+      self.close()
+      raise
 
   def _submit(self, path: str):
     return self._pool.submit(_find_in_worker, path, self._keep_photo)
@@ -335,9 +341,14 @@ class FaceFinder:
       self.close()
 
   def close(self) -> None:
-    """Stop the workers; files not yet detected are dropped."""
+    """Stop the workers (after the files they are on); files not yet detected are dropped."""
     self._window.clear()
     self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __del__(self):
+    pool = getattr(self, "_pool", None)
+    if pool is not None:
+      pool.shutdown(wait=False, cancel_futures=True)
 
   def __enter__(self):
     return self

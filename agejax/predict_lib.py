@@ -102,7 +102,7 @@ def predict_faces(model: ExportedModel, chips: list[np.ndarray], distributions: 
 def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
                   aligner: faces_lib.FaceAligner | None = None, batch_size: int = 32,
                   distributions: bool = False, workers: int = 0, keep_photo: bool = True,
-                  found: Iterable[tuple[dict, list]] | None = None) -> Iterator[dict]:
+                  detections: Iterable[tuple[dict, list]] | None = None) -> Iterator[dict]:
   """One record per file, in order: {"file", "width", "height", "faces": [...][, "_rgb"]} or
   {"file", "error"}; faces as predict_faces(..., distributions) gives them, with "box" and
   "detection_score". "_rgb" is the decoded photo where `keep_photo` (pop it before writing the
@@ -111,11 +111,14 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
   Faces are found by `aligner` (default FaceAligner()), in `workers` processes where > 0
   (faces_lib.find_faces_in_files); the faces of consecutive files go through the network
   together, about `batch_size` at a time (sooner when the photos kept hold over MAX_HELD_PIXELS).
-  `found`: the (record, faces) of `paths` from a detection already under way (a
-  faces_lib.FaceFinder started before the model was loaded), in place of finding them here.
+  `detections`: the (record, faces) of `paths` from a detection already under way (what
+  faces_lib.find_faces_in_files returns, started before the model was loaded); `aligned`,
+  `aligner`, `workers` and `keep_photo` are then that detection's and are not used here.
   """
-  if found is None and not aligned and aligner is None:
-    aligner = faces_lib.FaceAligner()
+  if detections is None:
+    if not aligned and aligner is None:
+      aligner = faces_lib.FaceAligner()
+    detections = faces_lib.find_faces_in_files(paths, aligned, aligner, workers, keep_photo)
   pending: list[tuple[dict, list]] = []
 
   def flush():
@@ -126,10 +129,8 @@ def predict_files(model: ExportedModel, paths: list[str], aligned: bool = False,
       yield rec
     pending.clear()
 
-  if found is None:
-    found = faces_lib.find_faces_in_files(paths, aligned, aligner, workers, keep_photo)
-  for rec, faces in found:
-    pending.append((rec, faces))
+  for rec, found in detections:
+    pending.append((rec, found))
     held = sum(r["width"] * r["height"] for r, _ in pending if "_rgb" in r)
     if sum(len(f) for _, f in pending) >= batch_size or held > MAX_HELD_PIXELS:
       yield from flush()

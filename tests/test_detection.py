@@ -250,7 +250,6 @@ def test_face_finder_detects_before_it_is_iterated_and_stops_its_workers(tmp_pat
   pooled = list(finder)
   assert [r["file"] for r, _ in pooled] == paths and [len(f) for _, f in pooled] == [1, 0, 1]
   assert not finder._pool._processes  # iterated to the end: the workers are gone
-  early = faces.FaceFinder(paths, aligner, workers=1)
-  early.close()  # closed before any result was taken: no worker left behind
+  with faces.FaceFinder(paths, aligner, workers=1, keep_photo=False) as early:
+    pass  # left before any result was taken: no worker left behind
   assert not early._pool._processes
-

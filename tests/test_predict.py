@@ -279,24 +279,49 @@ def test_missing_faces_extra_names_it(monkeypatch):
 
 def test_predict_detects_while_it_loads_the_network(tmp_path):
   """Detection starts first (worker processes, or this process on the first photo) and the model
-  loads meanwhile in a thread; the workers stop when the model cannot be loaded."""
+  loads meanwhile in a thread; the workers stop when the model cannot be loaded, and a folder
+  without a model is reported before any detection."""
+  photos = tmp_path / "photos"
+  photos.mkdir()
   for i in range(4):
-    Image.new("RGB", (40, 40)).save(tmp_path / f"{i}.jpg")
-  code = ("import sys, threading\nfrom absl import app\nfrom agejax import export, faces\nfrom agejax.tools import predict\n"
-          "order, finders, find, load = [], [], faces.find_faces_in_files, export.load\n"
+    Image.new("RGB", (40, 40)).save(photos / f"{i}.jpg")
+  broken = tmp_path / "broken"  # a model.json, so predict starts detecting; the fake load then fails
+  broken.mkdir()
+  (broken / "model.json").write_text("{}")
+  code = ("import gc, sys, threading\ngc.disable()\nfrom absl import app\nfrom agejax import export, faces\n"
+          "from agejax.tools import predict\n"
+          "order, finders, find, load, one = [], [], faces.find_faces_in_files, export.load, faces.find_faces\n"
+          "detected = threading.Event()\n"
+          "def fake_one(*a, **k):\n  out = one(*a, **k); detected.set(); return out\n"
           "def fake_find(*a, **k):\n  order.append('detect'); finders.append(find(*a, **k)); return finders[-1]\n"
-          "def fake_load(*a, **k):\n  order.append('load in ' + threading.current_thread().name.split('_')[0])\n"
+          "def fake_load(*a, **k):\n  thread = threading.current_thread().name\n"
+          "  order.append('load in ' + ('a thread' if thread.startswith('ThreadPoolExecutor') else thread))\n"
+          "  if len(finders) and type(finders[0]).__name__ == 'generator':\n"
+          "    order.append('while detecting' if detected.wait(60) else 'not while detecting')\n"
           "  if '--model' in sys.argv: raise export.ExportError('stop')\n  return load(*a, **k)\n"
-          "faces.find_faces_in_files, export.load = fake_find, fake_load\ntry:\n"
+          "faces.find_faces_in_files, export.load, faces.find_faces = fake_find, fake_load, fake_one\ntry:\n"
           "  app.run(predict.main, argv=['predict'] + sys.argv[1:])\nexcept SystemExit as e:\n  code = e.code\n"
-          "print(order, code, type(finders[0]).__name__, len(getattr(finders[0], '_pool', None) and "
-          "finders[0]._pool._processes or {}))")
-  folder, one = str(tmp_path), str(tmp_path / "0.jpg")
-  for args, want in (([folder, "--json"], "['detect', 'load in ThreadPoolExecutor-0'] 0 FaceFinder 0"),
-                     ([folder, "--model", folder], "['detect', 'load in ThreadPoolExecutor-0'] 2 FaceFinder 0"),
-                     ([one, "--json"], "['detect', 'load in ThreadPoolExecutor-0'] 0 generator 0")):
-    p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.stdout.strip().splitlines()[-1] == want, (args, p.stdout, p.stderr[-1000:])
+          "kind = type(finders[0]).__name__ if finders else None\n"
+          "left = len(finders[0]._pool._processes or {}) if kind == 'FaceFinder' else 0\n"
+          "print(order, code, kind, left)")
+  folder, one = str(photos), str(photos / "0.jpg")
+  cases = (([folder, "--json"], "['detect', 'load in a thread'] 0 FaceFinder 0"),
+           ([folder, "--model", str(broken)], "['detect', 'load in a thread'] 2 FaceFinder 0"),
+           ([folder, "--model", str(tmp_path)], "['load in MainThread'] 2 None 0"),
+           ([one, "--json"], "['detect', 'load in a thread', 'while detecting'] 0 generator 0"))
+  for args, want in cases:
+    p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1] == want, (args, p.stdout, p.stderr[-1000:])
+    if "--json" in args:  # every photo answered once, in order
+      assert [json.loads(line)["file"] for line in lines[:-1]] == ([one] if args[0] == one else
+                                                                    [str(photos / f"{i}.jpg") for i in range(4)])
+  # A failure of the first photo's detection is not taken for the model's (no "error:" line, no exit 2).
+  boom = ("import sys\nfrom absl import app\nfrom agejax import faces\nfrom agejax.tools import predict\n"
+          "def boom(*a, **k):\n  raise FileNotFoundError('detector broke')\nfaces.find_faces = boom\n"
+          "app.run(predict.main, argv=['predict', sys.argv[1]])")
+  p = subprocess.run([sys.executable, "-c", boom, one], cwd=ROOT, capture_output=True, text=True, timeout=180)
+  assert p.returncode == 1 and "FileNotFoundError: detector broke" in p.stderr and "error: detector broke" not in p.stderr
 
 
 def test_the_network_takes_one_thread_where_detection_workers_take_the_cores(tmp_path):

@@ -63,16 +63,19 @@ def main(argv):
   photos = [f for f in files if not video.is_video(f)]
   videos = [f for f in files if video.is_video(f)]
   workers = _detection_workers(len(photos))
+  load = lambda: export.load(model_dir, FLAGS.runtime, threads=1 if workers else None)  # noqa: E731
   finder = None
   try:
-    try:  # the detection starts first: dlib and the detectors load while the network does
-      finder = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate)) if photos else None
-    except ImportError as e:  # dlib missing
-      print(f"error: {e}", file=sys.stderr)
-      return 2
     try:  # one network thread where detection workers take the cores (docs/PERFORMANCE.md)
-      model, found = _load_while_detecting(
-          lambda: export.load(model_dir, FLAGS.runtime, threads=1 if workers else None), finder)
+      if photos and os.path.exists(os.path.join(model_dir, "model.json")):
+        try:  # the detection starts first: dlib and the detectors load while the network does
+          finder = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate))
+        except ImportError as e:  # dlib missing
+          print(f"error: {e}", file=sys.stderr)
+          return 2
+        model, detections = _load_while_detecting(load, finder)
+      else:  # nothing to detect, or no model there: its error before any detection
+        model, detections = load(), None
     except (FileNotFoundError, export.ExportError, ImportError) as e:
       hint = (f" Export the run first: python -m agejax.export --config CONFIG --workdir {FLAGS.workdir}"
               if FLAGS.workdir and isinstance(e, FileNotFoundError) else "")
@@ -86,7 +89,9 @@ def main(argv):
     errors = 0
     try:
       if photos:
-        errors += _photos(model, photos, targets, found)
+        if detections is None:
+          finder = detections = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate))
+        errors += _photos(model, photos, targets, detections)
       if videos:
         errors += _videos(model, videos, targets)
     except ImportError as e:
@@ -103,8 +108,8 @@ def main(argv):
 
 def _videos(model, paths, targets) -> int:
   """Each video's tracks, as --json / --csv / text say; the number that failed."""
-  from agejax import faces, video
-  aligner = faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
+  from agejax import video
+  aligner = _aligner()
   writer = None
   if FLAGS.csv:
     writer = csv.writer(sys.stdout)
@@ -143,38 +148,50 @@ def _detection_workers(photos: int) -> int:
   return min(8, os.cpu_count() or 1) if photos >= 4 else 0
 
 
+def _aligner():
+  """The face finder --detector and --upsample ask for (ImportError where dlib is missing)."""
+  return faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
+
+
 def _start_detection(photos: list[str], workers: int, keep_photo: bool):
-  """The (record, faces) of each photo, in order, found as --detector / --upsample say: a
-  faces.FaceFinder whose `workers` processes start now, or (without workers, or for --aligned
-  chips) a lazy iterator. ImportError where dlib is missing."""
-  aligner = None if FLAGS.aligned else faces.FaceAligner(detector=FLAGS.detector, upsample=FLAGS.upsample)
-  return faces.find_faces_in_files(photos, FLAGS.aligned, aligner, workers, keep_photo)
+  """faces.find_faces_in_files for `photos`: with workers, a faces.FaceFinder whose processes
+  start now; else (or for --aligned chips) a generator that detects as it is asked.
+  ImportError where dlib is missing."""
+  return faces.find_faces_in_files(photos, FLAGS.aligned, None if FLAGS.aligned else _aligner(), workers,
+                                   keep_photo)
 
 
-def _load_while_detecting(load, found):
-  """(load(), `found` from its start): the model loads in a thread while this one takes the first
-  photo's faces (without detection workers, dlib and the detectors load and run here meanwhile).
-  load's exceptions are raised here."""
-  if found is None:
-    return load(), None
+def _load_while_detecting(load, detections):
+  """(load(), `detections` from their start). The model loads in a thread while this one takes the
+  first photo's faces (without workers, dlib and the detectors load and run here meanwhile).
+  load's exceptions are raised here, once the first photo is
+  done (a bad model folder is reported after it); an exception of the first photo's detection is
+  raised where the detections are read, as it was before the overlap."""
   import itertools
   from concurrent.futures import ThreadPoolExecutor
+  rest = iter(detections)
   with ThreadPoolExecutor(1) as pool:
     loading = pool.submit(load)
-    rest = iter(found)
-    first = list(itertools.islice(rest, 1))
+    try:
+      first, failed = list(itertools.islice(rest, 1)), None
+    except Exception as e:  # noqa: BLE001 (raised again below, where the records are read)
+      first, failed = [], e
     model = loading.result()
+  if failed is not None:
+    def reraise():
+      raise failed
+      yield
+    return model, reraise()
   return model, itertools.chain(first, rest)
 
 
-def _photos(model, files, targets, found) -> int:
-  """Each photo's faces, as --json / --csv / text say; the number of files that failed. `found`:
-  _start_detection's iterator for `files`."""
+def _photos(model, files, targets, detections) -> int:
+  """Each photo's faces, as --json / --csv / text say; the number of files that failed.
+  `detections`: the (record, faces) of `files` (_load_while_detecting's)."""
   from tqdm import tqdm
 
   from agejax import predict_lib
-  records = predict_lib.predict_files(model, files, aligned=FLAGS.aligned, found=found,
-                                      keep_photo=bool(FLAGS.annotate))
+  records = predict_lib.predict_files(model, files, detections=detections)
   writer = None
   if FLAGS.csv:
     writer = csv.writer(sys.stdout)
