@@ -69,6 +69,16 @@ _BUNDLED = ("dldl_v2,multitask --config.model.msa_stages=(3,4) "
 # The mixture the cross-dataset suite trains on (and the bundled model's data).
 _MIXTURE = "utkface:0.75,aaf:0.25"
 
+
+def _trained_on_each(recipe: str, suffix: str, note: str) -> dict:
+  """A face-trunk recipe trained on UTKFace, on All-Age-Faces and on the mixture: the
+  cross-dataset suite's rows ("utkface<suffix>", "aaf<suffix>", "mixture<suffix>")."""
+  return {f"utkface{suffix}": (f"configs/utkface.py:face_resnet,{recipe}", f"trained on UTKFace, {note}"),
+          f"aaf{suffix}": (f"configs/aaf.py:face_resnet,{recipe}", f"trained on All-Age-Faces, {note}"),
+          f"mixture{suffix}": (f"configs/utkface.py:face_resnet,{recipe} --config.dataset.mixture={_MIXTURE}",
+                               f"trained on both (UTKFace 0.75, AAF 0.25), {note}")}
+
+
 # name -> (config argument, description)
 SUITES = {
     "utkface_cpu": {
@@ -135,14 +145,8 @@ SUITES = {
     # All-Age-Faces and on both; every run is also scored on each dataset of CROSS_DATASETS (the
     # cross-dataset table, `cross_table`).
     "cross_dataset": {
-        "utkface_dldl": (f"configs/utkface.py:face_resnet,{_BUNDLED}", "trained on UTKFace (bundled recipe)"),
-        "aaf_dldl": (f"configs/aaf.py:face_resnet,{_BUNDLED}", "trained on All-Age-Faces (bundled recipe)"),
-        "mixture_dldl": (f"configs/utkface.py:face_resnet,{_BUNDLED} --config.dataset.mixture={_MIXTURE}",
-                         "trained on both (bundled recipe and model)"),
-        "utkface": (f"configs/utkface.py:face_resnet,{_MTMSA_003}", "trained on UTKFace, Gaussian NLL"),
-        "aaf": (f"configs/aaf.py:face_resnet,{_MTMSA_003}", "trained on All-Age-Faces, Gaussian NLL"),
-        "mixture": (f"configs/utkface.py:face_resnet,{_MTMSA_003} --config.dataset.mixture={_MIXTURE}",
-                    "trained on both (UTKFace 0.75, AAF 0.25), Gaussian NLL"),
+        **_trained_on_each(_BUNDLED, "_dldl", "the bundled recipe"),
+        **_trained_on_each(_MTMSA_003, "", "Gaussian NLL"),
         "mixture_degrade": (f"configs/utkface.py:face_resnet,degrade,{_MTMSA_003} "
                             f"--config.dataset.mixture={_MIXTURE}",
                             "trained on both, with the photo degradations (`degrade`), Gaussian NLL"),

@@ -458,3 +458,26 @@ def test_compare_peer_reads_a_commands_faces_and_scores_them(tmp_path):
   assert r["photos_per_s"] == 1.0 and r["faces"] == 4
   with pytest.raises(SystemExit, match="failed"):
     cp.run_command([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_cross_dataset_entries_train_their_recipe_on_the_data_their_names_say():
+  import importlib.util
+  modules = {}
+  for dataset in ("utkface", "aaf"):
+    spec = importlib.util.spec_from_file_location(f"{dataset}_cfg3", os.path.join(experiments.ROOT, "configs",
+                                                                                  f"{dataset}.py"))
+    modules[dataset] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modules[dataset])
+  suite = experiments.SUITES["cross_dataset"]
+  assert {"utkface_dldl", "aaf_dldl", "mixture_dldl", "utkface", "aaf", "mixture", "mixture_degrade"} <= set(suite)
+  for name, (arg, _) in suite.items():
+    config_file, *overrides = arg.split(" ")
+    path, variants = config_file.split(":", 1)
+    c = modules[os.path.basename(path).removesuffix(".py")].get_config(variants)
+    source = "aaf" if name.startswith("aaf") else "utkface"
+    assert c.dataset.name == source, name
+    assert any(o == "--config.dataset.mixture=utkface:0.75,aaf:0.25" for o in overrides) == name.startswith("mixture")
+    assert c.loss.name == ("dldl_v2" if name.endswith("_dldl") else "gaussian_nll"), name
+    assert c.model.name == "face_resnet" and c.model.gender and c.model.race, name
+    assert "--config.model.msa_stages=(3,4)" in overrides and "--config.optimizer.trunk_lr_factor=0.03" in overrides
+    assert (c.augment.blur > 0) == name.endswith("_degrade"), name
