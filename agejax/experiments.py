@@ -20,7 +20,8 @@ without MSA against age alone on the same TinyAgeNet trunk; the same three on a
 ResNet-18 trunk (longer than an hour a run on 2 cores); the hour's budget spent on
 80 px (`dldl_v2_80px`) or on 24 epochs (`dldl_v2_hour`, `dldl_v2_tuned_hour`, `multitask_tiny_hour`,
 `multitask_tiny_tuned_hour`: test MAE 4.80; age alone 4.89 ± 0.04 over three seeds, docs/RESULTS.md); DLDL-v2 on the CORAL 2019 split;
-TinyAgeNet learning the bundled face model's distributions (`distill`; the teacher file is made first).
+TinyAgeNet learning a face model's distributions (`distill`; the teacher file is made first, by the
+bundled model where it is missing: docs/RESULTS.md's run used the UTKFace-only face model).
 
 cross_dataset: the bundled model's recipe (DLDL-v2's loss on MTMSA's design: `*_dldl`) trained on
 UTKFace, on All-Age-Faces (`configs/aaf.py`) and on both mixed (`--config.dataset.mixture`); the
@@ -53,11 +54,12 @@ _AUG = "flip_only"
 # The hour's budget on 2 cores: 24 epochs instead of 16, the step schedule's decay still at 3/4.
 _HOUR = "--config.num_epochs=24 --config.optimizer.decay_epochs=(18,)"
 
-# The bundled face model's distributions of the training split (made by `agejax.distill` when missing).
+# A face model's distributions of the training split (made by `agejax.distill` with the bundled model
+# when missing; docs/RESULTS.md's run used the UTKFace-only model: `--teacher` its export).
 _TEACHER = "runs/teacher/utkface_face_resnet.npz"
 
 # MTMSA's design on the face trunk (MSA after levels 3 and 4, gender and race heads, the Gaussian loss)
-# with the trunk at 0.03x the heads' rate: the bundled model's recipe, after the trunk's variant.
+# with the trunk at 0.03x the heads' rate (`mtmsa_trunk003`): the bundled recipe before DLDL-v2's loss.
 _MTMSA_003 = ("gaussian_nll,multitask --config.model.msa_stages=(3,4) "
               "--config.optimizer.trunk_lr_factor=0.03")
 
@@ -115,7 +117,7 @@ SUITES = {
         "coral2019_dldl_v2": (f"configs/utkface.py:coral2019,tiny,cpu,dldl_v2,{_AUG}",
                               "DLDL-v2, CORAL 2019 split (21-60)"),
         "distill": (f"configs/utkface.py:tiny,cpu,distill,{_AUG} --config.loss.teacher={_TEACHER}",
-                         "DLDL-v2 with the bundled face model's distributions as labels (distillation)"),
+                         "DLDL-v2 with a face model's distributions as labels (distillation)"),
     },
     # dlib's face-pretrained ResNet fine-tuned at 150 px (`face_resnet` variant, ~50 min a run on 2 cores),
     # beside the same network and schedule from random initialisation (`scratch`).
