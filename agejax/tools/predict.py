@@ -88,9 +88,7 @@ def main(argv):
     targets = predict_lib.annotation_paths(paths, FLAGS.annotate) if FLAGS.annotate else {}
     errors = 0
     try:
-      if photos:
-        if detections is None:
-          finder = detections = _start_detection(photos, workers, keep_photo=bool(FLAGS.annotate))
+      if photos:  # (a model loads only where model.json is, so photos have their detections here)
         errors += _photos(model, photos, targets, detections)
       if videos:
         errors += _videos(model, videos, targets)
