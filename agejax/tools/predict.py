@@ -162,9 +162,9 @@ def _start_detection(photos: list[str], workers: int, keep_photo: bool):
 def _load_while_detecting(load, detections):
   """(load(), `detections` from their start). The model loads in a thread while this one takes the
   first photo's faces (without workers, dlib and the detectors load and run here meanwhile).
-  load's exceptions are raised here, once the first photo is
-  done (a bad model folder is reported after it); an exception of the first photo's detection is
-  raised where the detections are read, as it was before the overlap."""
+  load's exceptions are raised here once the first photo is done (main checks for model.json
+  first, so only a damaged model waits for it); an exception of the first photo's detection is
+  raised where the detections are read, never taken for the model's."""
   import itertools
   from concurrent.futures import ThreadPoolExecutor
   rest = iter(detections)
