@@ -198,16 +198,20 @@ def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int 
 
 
 def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], photo_set: str = "hard",
-                  cnn_runtime: str = "auto") -> dict:
+                  cnn_runtime: str = "auto", aaf_archive: str | None = None) -> dict:
   """Recall, false positives and photos/s of each detector config ("hog:1" = HOG, upsample 1;
   "auto:1"; "cnn:0") on agejax.hard_photos' degraded group photos of UTKFace faces (`photo_set`
-  "hard") or its monochrome scans of UTKFace test faces ("scans": 2 x photos_per_condition photos;
-  labels.csv beside the archive names the test split); the CNN detector in `cnn_runtime`
+  "hard"), its monochrome scans of UTKFace test faces ("scans": 2 x photos_per_condition photos;
+  labels.csv beside the archive names the test split) or All-Age-Faces' real test photos ("aaf":
+  the first photos_per_condition, from `aaf_archive`; their other detections count as false,
+  though a few may be faces behind the labelled one); the CNN detector in `cnn_runtime`
   (`faces.CNN_RUNTIMES`: "dlib" measures the policies with dlib's own CNN; the port on one ONNX
   Runtime thread, as in a detection worker)."""
   from agejax import faces, hard_photos
   if photo_set == "scans":
     photos = scan_photos(utkface, 2 * photos_per_condition)
+  elif photo_set == "aaf":
+    photos = hard_photos.aaf_photos(aaf_archive, photos_per_condition)
   else:
     chips = hard_photos.utkface_chips(utkface, 400)
     photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
@@ -243,10 +247,13 @@ def main(argv=None):
   ap.add_argument("--utkface", default=None, help="detect mode and predict mode's scans: UTKFace.tar.gz, labels.csv "
                   "beside it (default $UTKFACE_DIR/UTKFace.tar.gz)")
   ap.add_argument("--per_condition", type=int, default=6, help="detect mode: photos of each condition")
-  ap.add_argument("--photos", default=None, choices=["astronaut", "hard", "scans"],
+  ap.add_argument("--photos", default=None, choices=["astronaut", "hard", "scans", "aaf"],
                   help="predict mode: astronaut (default) or scans (--count of hard_photos' album scans of "
                   "UTKFace test faces, faces found counted); detect mode: hard (default: hard_photos' group "
-                  "photos) or scans")
+                  "photos), scans, or aaf (the first --per_condition of All-Age-Faces' real test photos, "
+                  "from --aaf)")
+  ap.add_argument("--aaf", default=None, help="detect mode's --photos aaf: AAF-train.tar.gz "
+                  "(default $AAF_DIR/AAF-train.tar.gz)")
   ap.add_argument("--configs", default="hog:0,hog:1,hog:2,auto:1,cnn:0,cnn:1",
                   help="detect mode: detector:upsample, comma-separated")
   ap.add_argument("--cnn_runtime", default="auto", choices=list(faces.CNN_RUNTIMES),
@@ -260,8 +267,8 @@ def main(argv=None):
   a = ap.parse_args(argv)
   utkface = a.utkface or os.path.join(os.environ.get("UTKFACE_DIR", "."), "UTKFace.tar.gz")
   if a.mode == "predict":
-    if a.photos == "hard":
-      ap.error("--photos hard is detect mode's; predict mode measures astronaut or scans")
+    if a.photos in ("hard", "aaf"):
+      ap.error("--photos hard and aaf are detect mode's; predict mode measures astronaut or scans")
     if a.cnn_runtime != "auto":
       ap.error("--cnn_runtime is detect mode's")
     if a.photos == "scans" and a.aligned:
@@ -285,8 +292,10 @@ def main(argv=None):
     return
   if a.mode == "detect":
     if a.photos == "astronaut":
-      ap.error("--photos astronaut is predict mode's; detect mode measures hard or scans")
-    print(json.dumps(detect_recall(utkface, a.per_condition, a.configs.split(","), a.photos or "hard", a.cnn_runtime)))
+      ap.error("--photos astronaut is predict mode's; detect mode measures hard, scans or aaf")
+    aaf_archive = a.aaf or os.path.join(os.environ.get("AAF_DIR", "."), "AAF-train.tar.gz")
+    print(json.dumps(detect_recall(utkface, a.per_condition, a.configs.split(","), a.photos or "hard", a.cnn_runtime,
+                                   aaf_archive)))
     return
   if a.mode == "pipeline":
     print(json.dumps(pipeline_rate(a.dataset, a.size, a.batch, a.workers, a.batches, a.data_dir)))

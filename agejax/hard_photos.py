@@ -9,7 +9,8 @@ a smooth background, never overlapping) at a known place, then one condition:
   old_print   faces 60-110 px; gray, sepia, blurred, faded, grain, JPEG at quality 35
   scan        faces 50-90 px; gray, shrunk and enlarged again (a low-resolution scan), JPEG 50
 and (`make_scans`, from UTKFace's test chips) a family album's scans: gray_scan and sepia_scan,
-1-3 faces of 60-160 px in photos of 320-640 px, faded, slightly blurred, grain, JPEG 60-85.
+1-3 faces of 60-160 px in photos of 320-640 px, faded, slightly blurred, grain, JPEG 60-85; and
+(`aaf_photos`) real photos: All-Age-Faces' test split, one labelled face each.
 A face counts as found when a detection's centre lies in its chip and the detection's width is
 0.25-1.2 of the chip's; each face is found at most once, other detections are false positives.
 """
@@ -150,6 +151,30 @@ def make_scans(chips: list[np.ndarray], count: int, seed: int = 0) -> list[Photo
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=int(rng.integers(60, 86)))
     out.append(Photo(condition, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), boxes))
+  return out
+
+
+def aaf_photos(archive: str, count: int) -> list[Photo]:
+  """The first `count` photos (by name) of All-Age-Faces' test split (`agejax.data.builders.aaf`'s
+  split table) in `archive` (AAF-train.tar.gz): real photos, about 300x340 px, each with its one
+  labelled face, placed by the dataset's 49 landmarks (a square 1.6 times their width about their
+  centre, the size a UTKFace chip gives a face that fills 60% of it). Condition "aaf"."""
+  from agejax.data.builders import aaf
+  test = sorted(n for n, split in aaf.split_table().items() if split == "test")[:count]
+  wanted, photos, points = set(test), {}, {}
+  with tarfile.open(archive, "r:gz") as tar:
+    for m in tar:
+      name = m.name.rsplit("/", 1)[-1]
+      if m.isfile() and m.name.startswith(aaf.PHOTOS) and name in wanted:
+        photos[name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
+      elif m.isfile() and m.name.startswith(aaf.POINTS) and name[:-4] + ".jpg" in wanted:
+        points[name[:-4] + ".jpg"] = aaf.parse_points(tar.extractfile(m).read().decode("utf-8", "replace"), m.name)
+  out = []
+  for name in test:
+    if name in photos and name in points:
+      (left, top), (right, bottom) = points[name].min(axis=0), points[name].max(axis=0)
+      cx, cy, half = (left + right) / 2, (top + bottom) / 2, 0.8 * (right - left)
+      out.append(Photo("aaf", photos[name], [(round(cx - half), round(cy - half), round(cx + half), round(cy + half))]))
   return out
 
 

@@ -139,13 +139,14 @@ def read_mmod(path: str | None = None) -> MMODWeights:
 
 # --------------------------------------------------------------------------- the tiled pyramid
 
-def pyramid_layout(height: int, width: int, padding: int, outer_padding: int):
+def pyramid_layout(height: int, width: int, padding: int, outer_padding: int, rate: float = PYRAMID_RATE):
   """(rects, (rows, cols)): each level's (left, top, right, bottom), inclusive, in the tiled image,
-  and its size, as dlib's compute_tiled_image_pyramid_details places them."""
+  and its size, as dlib's compute_tiled_image_pyramid_details places them; `rate`: each level's
+  size against the one before (dlib's pyramid_down<6>: 5/6)."""
   sizes = [(height, width)]
   nr, nc = height, width
   while True:
-    nr, nc = int(np.floor(PYRAMID_RATE * nr)), int(np.floor(PYRAMID_RATE * nc))
+    nr, nc = int(np.floor(rate * nr)), int(np.floor(rate * nc))
     if nr * nc == 0 or nr < MIN_LEVEL_HEIGHT:
       break
     sizes.append((nr, nc))
@@ -198,12 +199,14 @@ def _resize_bilinear(src: np.ndarray, rows: int, cols: int) -> np.ndarray:
   return out
 
 
-def tiled_pyramid(rgb: np.ndarray, weights: MMODWeights, resize=None) -> tuple[np.ndarray, list]:
+def tiled_pyramid(rgb: np.ndarray, weights: MMODWeights, resize=None,
+                  rate: float = PYRAMID_RATE) -> tuple[np.ndarray, list]:
   """((3, rows, cols) float32 network input, level rects) of an (H, W, 3) uint8 photo; each level
-  made from the one before by `resize(level, rows, cols)` (default `_resize_bilinear`; the ONNX
-  runtime passes ONNX Runtime's Resize of `resize_model`, 5x faster, the same to 1e-4)."""
+  `rate` times the one before, made from it by `resize(level, rows, cols)` (default
+  `_resize_bilinear`; the ONNX runtime passes ONNX Runtime's Resize of `resize_model`, 5x faster,
+  the same to 1e-4)."""
   resize = resize or _resize_bilinear
-  rects, (rows, cols) = pyramid_layout(rgb.shape[0], rgb.shape[1], weights.padding, weights.outer_padding)
+  rects, (rows, cols) = pyramid_layout(rgb.shape[0], rgb.shape[1], weights.padding, weights.outer_padding, rate)
   out = np.zeros((3, rows, cols), np.float32)
   mean = np.asarray(weights.mean, np.float32)[:, None, None]
   level = rgb.transpose(2, 0, 1).astype(np.float32, order="C")  # C order: the resizes gather rows
@@ -255,8 +258,11 @@ def box_to_photo(box, scale: float) -> tuple:
   return tuple(round_like_dlib((v + 0.5) / scale - 0.5) for v in box)
 
 
-def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold: float = 0.0) -> list:
-  """[((left, top, right, bottom) ints, score)], best first, after NMS, of an (R, C) score map."""
+def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold: float = 0.0,
+                      rate: float = PYRAMID_RATE) -> list:
+  """[((left, top, right, bottom) ints, score)], best first, after NMS, of an (R, C) score map of a
+  pyramid of `rate` (a box goes up a level as x / rate + 0.3, dlib's point_up for 5/6)."""
+  point_up = POINT_UP if rate == PYRAMID_RATE else 1 / rate
   rs, cs = np.nonzero(scores > threshold)
   order = np.argsort(-scores[rs, cs], kind="stable")
   w, h = weights.window
@@ -267,7 +273,7 @@ def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold
     level = _level_of(rects, x, y)
     box -= np.array(rects[level][:2] * 2, np.float64)
     for _ in range(level):
-      box = box * POINT_UP + 0.3
+      box = box * point_up + 0.3
     box = tuple(round_like_dlib(v) for v in box)
     if any(overlaps(k, box, weights.nms_iou, weights.nms_covered) for k, _ in kept):
       continue
@@ -429,9 +435,16 @@ class MMODDetector:
   runtime "onnx" (ONNX Runtime, needs `onnxruntime`: pip install 'agejax[onnx]') or
   "jax"; "auto" takes ONNX Runtime where onnxruntime is installed. `threads`: ONNX
   Runtime's intra-op threads (default: one per core; `agejax.faces`' detection workers, one process
-  per core, ask for 1). Gray (H, W) and RGBA photos are taken as RGB."""
+  per core, ask for 1). `pyramid_rate`: each pyramid level's size against the one before; dlib's
+  5/6 by default, where the boxes and scores are dlib's; a coarser pyramid (`agejax.faces`' "auto"
+  takes 0.7) has fewer pixels to score (about 0.6x the time) and scores faces between its levels
+  lower (docs/PERFORMANCE.md). Gray (H, W) and RGBA photos are taken as RGB."""
 
-  def __init__(self, path: str | None = None, runtime: str = "auto", threads: int | None = None):
+  def __init__(self, path: str | None = None, runtime: str = "auto", threads: int | None = None,
+               pyramid_rate: float = PYRAMID_RATE):
+    if not 0.5 <= pyramid_rate < 1:
+      raise ValueError(f"pyramid_rate {pyramid_rate}: each level's size against the one before, in [0.5, 1)")
+    self.pyramid_rate = pyramid_rate
     self.weights = read_mmod(path)
     if runtime == "auto":
       runtime = "onnx" if onnx_export.available() else "jax"
@@ -457,7 +470,7 @@ class MMODDetector:
   def scores(self, rgb: np.ndarray) -> tuple[np.ndarray, list]:
     """(score map, level rects) of an (H, W, 3) uint8 photo; an empty map where the tiled pyramid
     is too small for the network (a photo a few pixels high or wide holds no face)."""
-    x, rects = tiled_pyramid(rgb, self.weights, self._resize)
+    x, rects = tiled_pyramid(rgb, self.weights, self._resize, self.pyramid_rate)
     if min(output_size(n, self.weights) for n in x.shape[1:]) < 1:
       return np.zeros((0, 0), np.float32), rects
     if self.runtime == "onnx":
@@ -480,5 +493,5 @@ class MMODDetector:
     if upsample:
       from PIL import Image
       rgb = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale), Image.BILINEAR))
-    found = boxes_from_scores(*self.scores(rgb), self.weights, threshold)
+    found = boxes_from_scores(*self.scores(rgb), self.weights, threshold, self.pyramid_rate)
     return [(box_to_photo(box, scale), s) for box, s in found] if upsample else found

@@ -71,6 +71,26 @@ def test_pyramid_levels_shrink_by_five_sixths_and_do_not_overlap():
       assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
 
 
+def test_a_coarser_pyramid_scores_fewer_pixels_and_finds_dlibs_faces(photos, detector):
+  rects, (rows, cols) = mmod.pyramid_layout(480, 640, 10, 11, rate=0.7)
+  sizes = [(b - t + 1, r - l + 1) for l, t, r, b in rects]
+  assert sizes[:3] == [(480, 640), (336, 448), (235, 313)]  # floor(0.7 x) each
+  assert rows * cols < 0.65 * 1782 * 662                     # dlib's 5/6 layout of the same photo
+  coarse = mmod.MMODDetector(runtime="onnx", pyramid_rate=0.7)
+  centre = lambda b: np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+  for rgb in photos:
+    theirs, ours = detector(rgb), coarse(rgb, threshold=-0.4)
+    assert len(ours) == len(theirs)                          # the same faces (5 in all), none more ...
+    for box, _ in theirs:                                    # ... each where dlib's pyramid puts it
+      width = box[2] - box[0]
+      nearest = min(ours, key=lambda o: np.abs(centre(o[0]) - centre(box)).max())[0]
+      assert np.abs(centre(nearest) - centre(box)).max() < 0.15 * width
+      assert 0.75 < (nearest[2] - nearest[0]) / width < 1.33
+  for bad in (1.0, 0.4):
+    with pytest.raises(ValueError, match="pyramid_rate"):
+      mmod.MMODDetector(runtime="onnx", pyramid_rate=bad)
+
+
 def test_onnx_runtime_and_xla_compute_the_same_scores(photos, detector):
   small = np.asarray(Image.fromarray(photos[1]).resize((320, 240), Image.BILINEAR))
   onnx_scores, rects = detector.scores(small)
@@ -97,6 +117,13 @@ def test_boxes_from_scores_maps_windows_to_levels_and_suppresses_overlaps():
   x = 8 * c + 14 - level1[0]
   assert box[0] == int(np.floor((x - 39.5) * 1.2 + 0.3 + 0.5)) and box[2] == int(np.floor((x + 39.5) * 1.2 + 0.3 + 0.5))
   assert box[1] == int(np.floor((8 * r + 14 - level1[1] - 39.5) * 1.2 + 0.3 + 0.5))
+  coarse_rects, _ = mmod.pyramid_layout(480, 640, 10, 11, rate=0.7)  # on a 0.7 pyramid: up by 1 / 0.7
+  r, c = (coarse_rects[1][1] + 60 - 14) // 8, (coarse_rects[1][0] + 60 - 14) // 8
+  scores[:] = -1
+  scores[r, c] = 1.0
+  (box, _), = mmod.boxes_from_scores(scores, coarse_rects, weights, rate=0.7)
+  x = 8 * c + 14 - coarse_rects[1][0]
+  assert box[0] == int(np.floor((x - 39.5) / 0.7 + 0.3 + 0.5)) and box[2] == int(np.floor((x + 39.5) / 0.7 + 0.3 + 0.5))
   scores[:] = -1
   scores[0, 0] = 1.0     # the corner window: (-36.5, -36.5) rounds away from zero, as dlib's lround does
   assert mmod.boxes_from_scores(scores, rects, weights)[0][0][:2] == (-37, -37)
