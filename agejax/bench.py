@@ -211,13 +211,15 @@ def detect_recall(utkface: str, photos_per_condition: int, configs: list[str], p
   if photo_set == "scans":
     photos = scan_photos(utkface, 2 * photos_per_condition)
   elif photo_set == "aaf":
+    if not aaf_archive:
+      raise ValueError("photo set 'aaf' reads All-Age-Faces' archive: pass aaf_archive (--aaf)")
     photos = hard_photos.aaf_photos(aaf_archive, photos_per_condition)
   else:
     chips = hard_photos.utkface_chips(utkface, 400)
     photos = hard_photos.make_photos(chips, photos_per_condition=photos_per_condition)
   cnn_runtime = faces.resolve_cnn_runtime(cnn_runtime)  # recorded as resolved
   out = {"mode": "detect", "photos": len(photos), "faces": sum(len(p.faces) for p in photos), "cnn_runtime": cnn_runtime,
-         "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}
+         "size": list(photos[0].rgb.shape[1::-1]), "cpus": os.cpu_count()}  # the first photo's
   for cfg in configs:
     kind, _, up = cfg.partition(":")
     aligner = faces.FaceAligner(detector=kind, upsample=int(up or 1), cnn_runtime=cnn_runtime, cnn_threads=1)
@@ -293,7 +295,8 @@ def main(argv=None):
   if a.mode == "detect":
     if a.photos == "astronaut":
       ap.error("--photos astronaut is predict mode's; detect mode measures hard, scans or aaf")
-    aaf_archive = a.aaf or os.path.join(os.environ.get("AAF_DIR", "."), "AAF-train.tar.gz")
+    from agejax.data.builders import aaf
+    aaf_archive = a.aaf or os.path.join(os.environ.get("AAF_DIR", "."), aaf.ARCHIVE)
     print(json.dumps(detect_recall(utkface, a.per_condition, a.configs.split(","), a.photos or "hard", a.cnn_runtime,
                                    aaf_archive)))
     return

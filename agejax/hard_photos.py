@@ -36,7 +36,7 @@ SCAN_FACES = (60, 160)
 class Photo:
   condition: str
   rgb: np.ndarray
-  faces: list[tuple[int, int, int, int]]  # the pasted chips (left, top, right, bottom)
+  faces: list[tuple[int, int, int, int]]  # where each face is: its pasted chip, or (AAF) its landmarks' square
 
 
 def utkface_chips(archive: str, count: int, names: set[str] | None = None) -> list[np.ndarray]:
@@ -158,7 +158,8 @@ def aaf_photos(archive: str, count: int) -> list[Photo]:
   """The first `count` photos (by name) of All-Age-Faces' test split (`agejax.data.builders.aaf`'s
   split table) in `archive` (AAF-train.tar.gz): real photos, about 300x340 px, each with its one
   labelled face, placed by the dataset's 49 landmarks (a square 1.6 times their width about their
-  centre, the size a UTKFace chip gives a face that fills 60% of it). Condition "aaf"."""
+  centre, the size a UTKFace chip gives a face that fills 60% of it). Condition "aaf". A photo
+  without its landmarks is left out; ValueError where none is left."""
   from agejax.data.builders import aaf
   test = sorted(n for n, split in aaf.split_table().items() if split == "test")[:count]
   wanted, photos, points = set(test), {}, {}
@@ -169,6 +170,11 @@ def aaf_photos(archive: str, count: int) -> list[Photo]:
         photos[name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
       elif m.isfile() and m.name.startswith(aaf.POINTS) and name[:-4] + ".jpg" in wanted:
         points[name[:-4] + ".jpg"] = aaf.parse_points(tar.extractfile(m).read().decode("utf-8", "replace"), m.name)
+      if len(photos) == len(points) == len(wanted):
+        break
+  if not photos.keys() & points.keys():
+    raise ValueError(f"{archive}: no photo of All-Age-Faces' test split with its landmarks (the release's "
+                     f"'{aaf.PHOTOS}' and '{aaf.POINTS}' folders)")
   out = []
   for name in test:
     if name in photos and name in points:

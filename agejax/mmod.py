@@ -28,6 +28,9 @@ runs 1.4x faster (`fast_form`: 48 channels in place of 45, the 9x9 score layer a
 convolution to its taps, summed shifted in numpy), and its pyramid's levels resized by ONNX
 Runtime too (`resize_model`). Boxes agree with dlib-bin's to about a
 pixel and scores to within 0.02 (tests/test_mmod.py): dlib's own float order differs.
+`MMODDetector(pyramid_rate=...)` and its `threshold` depart from dlib on purpose: a coarser pyramid
+(0.7 in place of 5/6: about 0.6 of the pixels) with windows kept from a lower score finds as many
+faces for less time (`agejax.faces`' "auto"; docs/PERFORMANCE.md); its boxes are then not dlib's.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ STRIDE, OFFSET = 8, 14      # output (r, c) looks at input pixel STRIDE * (r, c)
 PYRAMID_RATE = 5 / 6        # pyramid_down<6>: each level's size, floor(5/6 of the one before)
 POINT_UP = 6 / 5            # ... and its point_up: p * 6/5 + 0.3, as dlib computes it
 MIN_LEVEL_HEIGHT = 5        # dlib stops the pyramid below this
+THRESHOLD = 0.0             # dlib's: windows scored above this are faces
 
 
 def default_path() -> str:
@@ -258,11 +262,14 @@ def box_to_photo(box, scale: float) -> tuple:
   return tuple(round_like_dlib((v + 0.5) / scale - 0.5) for v in box)
 
 
-def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold: float = 0.0,
+def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold: float = THRESHOLD,
                       rate: float = PYRAMID_RATE) -> list:
   """[((left, top, right, bottom) ints, score)], best first, after NMS, of an (R, C) score map of a
-  pyramid of `rate` (a box goes up a level as x / rate + 0.3, dlib's point_up for 5/6)."""
-  point_up = POINT_UP if rate == PYRAMID_RATE else 1 / rate
+  pyramid of `rate`, windows scored above `threshold`. On dlib's 5/6 pyramid a box goes up a level
+  as dlib's point_up does (x 6/5 + 0.3); on another, through the corner-aligned resize that made
+  the level (x (size before - 1) / (size - 1), each axis)."""
+  dlibs = math.isclose(rate, PYRAMID_RATE, rel_tol=1e-9)
+  sizes = [(r - l + 1, b - t + 1) for l, t, r, b in rects]  # (width, height) of each level
   rs, cs = np.nonzero(scores > threshold)
   order = np.argsort(-scores[rs, cs], kind="stable")
   w, h = weights.window
@@ -272,8 +279,12 @@ def boxes_from_scores(scores: np.ndarray, rects, weights: MMODWeights, threshold
     box = np.array([x - (w - 1) / 2, y - (h - 1) / 2, x + (w - 1) / 2, y + (h - 1) / 2])
     level = _level_of(rects, x, y)
     box -= np.array(rects[level][:2] * 2, np.float64)
-    for _ in range(level):
-      box = box * point_up + 0.3
+    for k in range(level, 0, -1):
+      if dlibs:
+        box = box * POINT_UP + 0.3
+      else:
+        (w0, h0), (w1, h1) = sizes[k - 1], sizes[k]
+        box = box * np.array([(w0 - 1) / max(w1 - 1, 1), (h0 - 1) / max(h1 - 1, 1)] * 2)
     box = tuple(round_like_dlib(v) for v in box)
     if any(overlaps(k, box, weights.nms_iou, weights.nms_covered) for k, _ in kept):
       continue
@@ -429,8 +440,9 @@ def jax_scores(weights: MMODWeights, x):
 
 
 class MMODDetector:
-  """dlib's CNN face detector: `detector(rgb, upsample=0)` -> [((left, top, right, bottom), score)],
-  best first, in the photo's pixels; faces from about 60-80 px (30-40 px with upsample=1) upwards.
+  """dlib's CNN face detector: `detector(rgb, upsample=0, threshold=THRESHOLD)` -> [((left, top,
+  right, bottom), score)] of the windows scored above `threshold`, best first, in the photo's
+  pixels; faces from about 60-80 px (30-40 px with upsample=1) upwards.
 
   runtime "onnx" (ONNX Runtime, needs `onnxruntime`: pip install 'agejax[onnx]') or
   "jax"; "auto" takes ONNX Runtime where onnxruntime is installed. `threads`: ONNX
@@ -479,7 +491,7 @@ class MMODDetector:
       out = np.asarray(self._jit(x))
     return out, rects
 
-  def __call__(self, rgb: np.ndarray, upsample: int = 0, threshold: float = 0.0) -> list:
+  def __call__(self, rgb: np.ndarray, upsample: int = 0, threshold: float = THRESHOLD) -> list:
     rgb = np.asarray(rgb)
     if rgb.ndim == 2:
       rgb = np.repeat(rgb[..., None], 3, axis=-1)

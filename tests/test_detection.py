@@ -41,6 +41,8 @@ def test_upsampling_and_the_cnn_find_what_hog_misses(astronaut_small):
   (face,) = auto(old)                                                  # the CNN on the photo doubled:
   centre = lambda b: ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)             # her face, on a coarser pyramid
   assert np.abs(np.subtract(centre(face.box), centre(found[0].box))).max() <= 6
+  width = lambda b: b[2] - b[0]
+  assert 0.8 < width(face.box) / width(found[0].box) < 1.25
   with pytest.raises(ValueError, match="detector 'mtcnn'"):
     faces.FaceAligner(detector="mtcnn")
   with pytest.raises(ValueError, match="runtime 'tpu'"):
@@ -98,9 +100,10 @@ def test_auto_runs_the_cnn_on_a_coarser_pyramid_and_keeps_its_lower_scores(monke
     assert faces.FaceAligner(detector=kind).cnn.pyramid_rate == mmod.PYRAMID_RATE  # dlib's pyramid and threshold
   asked = []
 
-  def fake_cnn(rgb, upsample=0, threshold=0.0):  # the port keeps windows from `threshold`; this one answers all
+  def fake_cnn(rgb, upsample=0, threshold=0.0):  # as the port: windows scored above `threshold`
     asked.append(threshold)
-    return [((10, 10, 90, 90), 0.5), ((100, 10, 180, 90), -0.2), ((200, 10, 280, 90), -0.6)]
+    found = [((10, 10, 90, 90), 0.5), ((100, 10, 180, 90), -0.2), ((200, 10, 280, 90), -0.6)]
+    return [(b, s) for b, s in found if s > threshold]
   rgb = np.zeros((120, 300, 3), np.uint8)
   for kind, scores in (("auto", [0.5, -0.2]), ("cnn", [0.5])):
     aligner = faces.FaceAligner(detector=kind)
@@ -110,7 +113,14 @@ def test_auto_runs_the_cnn_on_a_coarser_pyramid_and_keeps_its_lower_scores(monke
     assert asked == [faces.AUTO_CNN_THRESHOLD if kind == "auto" else 0.0]
   slow = faces.FaceAligner(detector="auto", cnn_runtime="dlib")  # dlib's own CNN: its pyramid and threshold
   monkeypatch.setitem(slow.__dict__, "cnn", fake_cnn)
-  assert [s for _, s in slow._cnn(rgb, 640, 0)] == [0.5]
+  asked.clear()
+  slow._cnn(rgb, 640, 0)
+  assert asked == [mmod.THRESHOLD]
+  with pytest.raises(ValueError, match="dlib's pyramid"):
+    faces.cnn_detector("dlib", pyramid_rate=0.7)
+  from skimage import data
+  dlibs = faces.cnn_detector("dlib")                   # dlib's own, asked for a threshold over her score
+  assert len(dlibs(data.astronaut())) == 1 and dlibs(data.astronaut(), 0, 2.0) == []
 
 
 def test_without_the_fast_cnn_auto_runs_hog_first_and_dlibs_cnn_only_where_it_finds_none(astronaut_small, monkeypatch):
@@ -209,6 +219,11 @@ def test_aaf_photos_are_the_test_splits_with_the_face_the_landmarks_place(tmp_pa
     cx, cy, half = (95 + 203) / 2 + dx, (120 + 240) / 2, 0.8 * 108
     assert box == (round(cx - half), round(cy - half), round(cx + half), round(cy + half))
   assert len(hard_photos.aaf_photos(str(tmp_path / "AAF-train.tar.gz"), 10)) == len(test)
+  fakes.aaf_archive(str(tmp_path / "no_points"), names, drop_points=(test[0],))
+  assert len(hard_photos.aaf_photos(str(tmp_path / "no_points" / "AAF-train.tar.gz"), 10)) == len(test) - 1
+  fakes.aaf_archive(str(tmp_path / "train_only"), names[:2])
+  with pytest.raises(ValueError, match="no photo of All-Age-Faces' test split"):
+    hard_photos.aaf_photos(str(tmp_path / "train_only" / "AAF-train.tar.gz"), 10)
 
 
 def test_matching_counts_each_face_once():
@@ -252,6 +267,7 @@ def test_detection_workers_run_the_cnn_on_one_thread_each():
   faces._start_worker(faces.FaceAligner().settings)
   session = faces._worker_aligner.cnn.session
   assert session.get_session_options().intra_op_num_threads == 1
+  assert faces._worker_aligner.cnn.pyramid_rate == faces.AUTO_PYRAMID_RATE  # auto's policy in the workers too
   assert faces.FaceAligner().cnn.session.get_session_options().intra_op_num_threads == 0  # in-process: all cores
 
 

@@ -71,15 +71,18 @@ def test_pyramid_levels_shrink_by_five_sixths_and_do_not_overlap():
       assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
 
 
-def test_a_coarser_pyramid_scores_fewer_pixels_and_finds_dlibs_faces(photos, detector):
-  rects, (rows, cols) = mmod.pyramid_layout(480, 640, 10, 11, rate=0.7)
+def test_autos_coarser_pyramid_scores_fewer_pixels_and_finds_the_faces_dlibs_finds(photos, detector):
+  from agejax import faces
+  rate, threshold = faces.AUTO_PYRAMID_RATE, faces.AUTO_CNN_THRESHOLD
+  rects, (rows, cols) = mmod.pyramid_layout(480, 640, 10, 11, rate=rate)
   sizes = [(b - t + 1, r - l + 1) for l, t, r, b in rects]
-  assert sizes[:3] == [(480, 640), (336, 448), (235, 313)]  # floor(0.7 x) each
-  assert rows * cols < 0.65 * 1782 * 662                     # dlib's 5/6 layout of the same photo
-  coarse = mmod.MMODDetector(runtime="onnx", pyramid_rate=0.7)
+  assert sizes[0] == (480, 640) and all(h1 == int(h0 * rate) for (h0, _), (h1, _) in zip(sizes, sizes[1:]))
+  _, (dlib_rows, dlib_cols) = mmod.pyramid_layout(480, 640, 10, 11)
+  assert rows * cols < 0.65 * dlib_rows * dlib_cols
+  coarse = mmod.MMODDetector(runtime="onnx", pyramid_rate=rate)
   centre = lambda b: np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
   for rgb in photos:
-    theirs, ours = detector(rgb), coarse(rgb, threshold=-0.4)
+    theirs, ours = detector(rgb), coarse(rgb, threshold=threshold)
     assert len(ours) == len(theirs)                          # the same faces (5 in all), none more ...
     for box, _ in theirs:                                    # ... each where dlib's pyramid puts it
       width = box[2] - box[0]
@@ -89,6 +92,23 @@ def test_a_coarser_pyramid_scores_fewer_pixels_and_finds_dlibs_faces(photos, det
   for bad in (1.0, 0.4):
     with pytest.raises(ValueError, match="pyramid_rate"):
       mmod.MMODDetector(runtime="onnx", pyramid_rate=bad)
+
+
+def test_the_lower_threshold_keeps_a_faded_face_between_the_coarse_levels():
+  """A gray, blurred, faded 170 px head: the coarse pyramid scores it just under dlib's 0."""
+  from skimage import data
+
+  from agejax import faces
+  head = Image.fromarray(data.astronaut()).crop((110, 0, 330, 230)).resize((170, 170), Image.BILINEAR)
+  canvas = Image.new("RGB", (480, 400), (90, 110, 130))
+  canvas.paste(head, (40, 30))
+  gray = np.asarray(ImageOps.grayscale(canvas).filter(ImageFilter.GaussianBlur(2.0)), np.float32)
+  rgb = np.repeat((gray * 0.3 + 128 * 0.7).astype(np.uint8)[..., None], 3, axis=-1)
+  coarse = mmod.MMODDetector(runtime="onnx", pyramid_rate=faces.AUTO_PYRAMID_RATE)
+  assert coarse(rgb) == []                                   # dlib's threshold: missed
+  (box, score), = coarse(rgb, threshold=faces.AUTO_CNN_THRESHOLD)
+  assert faces.AUTO_CNN_THRESHOLD < score < 0
+  assert 40 < (box[0] + box[2]) / 2 < 210 and 30 < (box[1] + box[3]) / 2 < 200  # on the head
 
 
 def test_onnx_runtime_and_xla_compute_the_same_scores(photos, detector):
@@ -117,13 +137,23 @@ def test_boxes_from_scores_maps_windows_to_levels_and_suppresses_overlaps():
   x = 8 * c + 14 - level1[0]
   assert box[0] == int(np.floor((x - 39.5) * 1.2 + 0.3 + 0.5)) and box[2] == int(np.floor((x + 39.5) * 1.2 + 0.3 + 0.5))
   assert box[1] == int(np.floor((8 * r + 14 - level1[1] - 39.5) * 1.2 + 0.3 + 0.5))
-  coarse_rects, _ = mmod.pyramid_layout(480, 640, 10, 11, rate=0.7)  # on a 0.7 pyramid: up by 1 / 0.7
-  r, c = (coarse_rects[1][1] + 60 - 14) // 8, (coarse_rects[1][0] + 60 - 14) // 8
+  # on a 0.7 pyramid a box goes up each level through the resize that made it: x (before - 1) / (after - 1)
+  coarse_rects, _ = mmod.pyramid_layout(480, 640, 10, 11, rate=0.7)
+  level = coarse_rects[3]
+  r, c = (level[1] + 60 - 14) // 8, (level[0] + 60 - 14) // 8
   scores[:] = -1
   scores[r, c] = 1.0
   (box, _), = mmod.boxes_from_scores(scores, coarse_rects, weights, rate=0.7)
-  x = 8 * c + 14 - coarse_rects[1][0]
-  assert box[0] == int(np.floor((x - 39.5) / 0.7 + 0.3 + 0.5)) and box[2] == int(np.floor((x + 39.5) / 0.7 + 0.3 + 0.5))
+  x, y = 8 * c + 14 - level[0], 8 * r + 14 - level[1]
+  widths = [rr - l + 1 for l, _, rr, _ in coarse_rects[:4]]
+  heights = [b - t + 1 for _, t, _, b in coarse_rects[:4]]
+  up_x = np.prod([(widths[k - 1] - 1) / (widths[k] - 1) for k in (1, 2, 3)])
+  up_y = np.prod([(heights[k - 1] - 1) / (heights[k] - 1) for k in (1, 2, 3)])
+  assert box == tuple(mmod.round_like_dlib(v) for v in ((x - 39.5) * up_x, (y - 39.5) * up_y,
+                                                          (x + 39.5) * up_x, (y + 39.5) * up_y))
+  scores[r, c] = -0.2    # under dlib's threshold: kept only where a lower one is asked for
+  assert mmod.boxes_from_scores(scores, coarse_rects, weights, rate=0.7) == []
+  assert [s for _, s in mmod.boxes_from_scores(scores, coarse_rects, weights, threshold=-0.4, rate=0.7)] == [np.float32(-0.2)]
   scores[:] = -1
   scores[0, 0] = 1.0     # the corner window: (-36.5, -36.5) rounds away from zero, as dlib's lround does
   assert mmod.boxes_from_scores(scores, rects, weights)[0][0][:2] == (-37, -37)
