@@ -143,7 +143,8 @@ def scan_photos(utkface: str, count: int):
   names the test split)."""
   from agejax import hard_photos
   names = hard_photos.utkface_test_names(os.path.join(os.path.dirname(utkface), "labels.csv"))
-  return hard_photos.make_scans(hard_photos.utkface_chips(utkface, 3 * count, names), count)
+  chips, ages = hard_photos.utkface_labelled_chips(utkface, 3 * count, names)
+  return hard_photos.make_scans(chips, count, ages=ages)
 
 
 def predict_rate(model_dir: str | None, aligned: bool, count: int, workers: int = 0, detector: str = "auto",

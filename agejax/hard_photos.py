@@ -37,19 +37,28 @@ class Photo:
   condition: str
   rgb: np.ndarray
   faces: list[tuple[int, int, int, int]]  # where each face is: its pasted chip, or (AAF) its landmarks' square
+  ages: list[int] | None = None            # each face's true age, where known (`make_scans` given ages)
 
 
 def utkface_chips(archive: str, count: int, names: set[str] | None = None) -> list[np.ndarray]:
   """The first `count` chips of a UTKFace archive (of those whose file name is in `names`, where
   given) as (200, 200, 3) uint8."""
-  chips = []
+  return utkface_labelled_chips(archive, count, names)[0]
+
+
+def utkface_labelled_chips(archive: str, count: int,
+                           names: set[str] | None = None) -> tuple[list[np.ndarray], list[int]]:
+  """`utkface_chips` and each chip's age (the number its file name starts with, UTKFace's label)."""
+  chips, ages = [], []
   with tarfile.open(archive) as tar:
     for m in tar:
       if len(chips) >= count:
         break
-      if m.isfile() and m.name.lower().endswith(".jpg") and (names is None or m.name.rsplit("/", 1)[-1] in names):
+      name = m.name.rsplit("/", 1)[-1]
+      if m.isfile() and name.lower().endswith(".jpg") and (names is None or name in names):
         chips.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
-  return chips
+        ages.append(int(name.split("_", 1)[0]))
+  return chips, ages
 
 
 def utkface_test_names(labels_csv: str) -> set[str]:
@@ -131,17 +140,22 @@ def make_photos(chips: list[np.ndarray], photos_per_condition: int = 6, faces_pe
   return out
 
 
-def make_scans(chips: list[np.ndarray], count: int, seed: int = 0) -> list[Photo]:
+def make_scans(chips: list[np.ndarray], count: int, seed: int = 0, ages: list[int] | None = None) -> list[Photo]:
   """`count` monochrome photos like a family album's scans: 1-3 faces of SCAN_FACES px (the chips
   used in turn) in a 320-640 px photo (landscape or portrait), faded, gray or sepia (alternately),
-  slightly blurred, with grain, saved as JPEG at quality 60-85."""
+  slightly blurred, with grain, saved as JPEG at quality 60-85. `ages`: the chips' ages, then each
+  photo's `ages` (in the order of its `faces`)."""
+  if ages is not None and len(ages) != len(chips):
+    raise ValueError(f"{len(ages)} ages for {len(chips)} chips")
   rng = np.random.default_rng(seed)
   out, k = [], 0
   for n in range(count):
     long_side = int(rng.integers(320, 641))
     w, h = (long_side, long_side * 3 // 4) if rng.random() < 0.5 else (long_side * 3 // 4, long_side)
     canvas = _background(rng, w, h)
+    first = k
     boxes, k = _place_faces(rng, canvas, chips, k, int(rng.integers(1, 4)), SCAN_FACES, 60)
+    face_ages = None if ages is None else [ages[j % len(ages)] for j in range(first, k)]
     condition = SCAN_CONDITIONS[n % 2]
     gray = ImageOps.grayscale(canvas).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.0))))
     a = np.asarray(gray, np.float32) / 255 * rng.uniform(0.7, 0.9) + rng.uniform(0.05, 0.15)  # faded
@@ -150,7 +164,7 @@ def make_scans(chips: list[np.ndarray], count: int, seed: int = 0) -> list[Photo
     img = Image.fromarray(np.clip(np.stack([a * t for t in tint], -1) * 255, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=int(rng.integers(60, 86)))
-    out.append(Photo(condition, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), boxes))
+    out.append(Photo(condition, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), boxes, face_ages))
   return out
 
 
@@ -186,15 +200,23 @@ def aaf_photos(archive: str, count: int) -> list[Photo]:
 
 def match(faces: list[tuple], detections: list[tuple]) -> tuple[int, int]:
   """(faces found, false positives) for boxes (left, top, right, bottom)."""
-  found, used = 0, set()
-  for det in detections:
+  found = len(match_pairs(faces, detections))
+  return found, len(detections) - found
+
+
+def match_pairs(faces: list[tuple], detections: list[tuple]) -> list[tuple[int, int]]:
+  """(face index, detection index) of each face found: a detection, in order, finds the first face
+  not yet found whose box holds its centre and is 0.8-4 times as wide as it (a detection's width
+  0.25-1.2 of the face's); each face is found at most once."""
+  pairs, used = [], set()
+  for j, det in enumerate(detections):
     cx, cy, dw = (det[0] + det[2]) / 2, (det[1] + det[3]) / 2, det[2] - det[0]
     hit = next((i for i, f in enumerate(faces) if i not in used and f[0] <= cx <= f[2] and f[1] <= cy <= f[3]
                 and 0.25 <= dw / (f[2] - f[0]) <= 1.2), None)
     if hit is not None:
       used.add(hit)
-      found += 1
-  return found, len(detections) - found
+      pairs.append((hit, j))
+  return pairs
 
 
 def recall(detect: Callable[[np.ndarray], list[tuple]], photos: list[Photo]) -> dict:

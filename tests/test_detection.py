@@ -226,11 +226,39 @@ def test_aaf_photos_are_the_test_splits_with_the_face_the_landmarks_place(tmp_pa
     hard_photos.aaf_photos(str(tmp_path / "train_only" / "AAF-train.tar.gz"), 10)
 
 
+def test_labelled_chips_are_the_archives_in_order_with_the_age_their_names_start_with(tmp_path):
+  from tests import fakes
+  names = ["25_0_0_a.jpg.chip.jpg", "7_1_2_b.jpg.chip.jpg", "61_0_3_c.jpg.chip.jpg"]
+  fakes.utkface_archive(str(tmp_path), names)
+  archive = str(tmp_path / "UTKFace.tar.gz")
+  chips, ages = hard_photos.utkface_labelled_chips(archive, 5, {names[0], names[2]})
+  assert ages == [25, 61] and len(chips) == 2 and chips[0].shape == (40, 40, 3)
+  assert hard_photos.utkface_labelled_chips(archive, 2)[1] == [25, 7]                # the first `count`
+  assert all(np.array_equal(x, y) for x, y in zip(hard_photos.utkface_chips(archive, 3),
+                                                  hard_photos.utkface_labelled_chips(archive, 3)[0]))
+
+
+def test_scans_carry_each_faces_age_in_the_order_of_their_boxes():
+  rng = np.random.default_rng(2)
+  chips = [rng.integers(0, 255, (200, 200, 3), dtype=np.uint8) for _ in range(5)]
+  ages = [11, 22, 33, 44, 55]
+  scans = hard_photos.make_scans(chips, 6, seed=5, ages=ages)
+  plain = hard_photos.make_scans(chips, 6, seed=5)
+  assert all(np.array_equal(p.rgb, q.rgb) and p.faces == q.faces and q.ages is None for p, q in zip(scans, plain))
+  used = [a for p in scans for a in p.ages]
+  assert [len(p.ages) for p in scans] == [len(p.faces) for p in scans]
+  assert used == [ages[k % 5] for k in range(len(used))]  # the chips in turn, so their ages in turn
+  with pytest.raises(ValueError, match="2 ages for 5 chips"):
+    hard_photos.make_scans(chips, 1, ages=[1, 2])
+
+
 def test_matching_counts_each_face_once():
   faces_ = [(0, 0, 100, 100), (200, 0, 300, 100)]
   assert hard_photos.match(faces_, [(20, 20, 80, 80), (25, 25, 85, 85), (210, 10, 290, 90)]) == (2, 1)
   assert hard_photos.match(faces_, [(45, 45, 55, 55)]) == (0, 1)     # too small for the face
   assert hard_photos.match(faces_, [(400, 0, 450, 50)]) == (0, 1)
+  assert hard_photos.match_pairs(faces_, [(400, 0, 450, 50), (210, 10, 290, 90), (20, 20, 80, 80), (25, 25, 85, 85)]) \
+      == [(1, 1), (0, 2)]                                            # which detection found which face
   r = hard_photos.recall(lambda rgb: [(20, 20, 80, 80)], [hard_photos.Photo("small", np.zeros((8, 8, 3)), faces_)])
   assert r["small"]["recall"] == 0.5 and r["all"]["faces"] == 2 and r["all"]["false_per_photo"] == 0
 
