@@ -43,22 +43,34 @@ class Photo:
 def utkface_chips(archive: str, count: int, names: set[str] | None = None) -> list[np.ndarray]:
   """The first `count` chips of a UTKFace archive (of those whose file name is in `names`, where
   given) as (200, 200, 3) uint8."""
-  return utkface_labelled_chips(archive, count, names)[0]
+  return [chip for _, chip in _named_chips(archive, count, names)]
 
 
 def utkface_labelled_chips(archive: str, count: int,
                            names: set[str] | None = None) -> tuple[list[np.ndarray], list[int]]:
-  """`utkface_chips` and each chip's age (the number its file name starts with, UTKFace's label)."""
+  """`utkface_chips` and each chip's age (the number its file name starts with, UTKFace's label;
+  ValueError for a name without one)."""
   chips, ages = [], []
+  for name, chip in _named_chips(archive, count, names):
+    age = name.split("_", 1)[0]
+    if not age.isdigit():
+      raise ValueError(f"{archive}: {name} does not start with an age (UTKFace's age_gender_race_date.jpg)")
+    chips.append(chip)
+    ages.append(int(age))
+  return chips, ages
+
+
+def _named_chips(archive: str, count: int, names: set[str] | None) -> list[tuple[str, np.ndarray]]:
+  """(file name, chip) of the first `count` JPEG files of the archive (of those in `names`)."""
+  out = []
   with tarfile.open(archive) as tar:
     for m in tar:
-      if len(chips) >= count:
+      if len(out) >= count:
         break
       name = m.name.rsplit("/", 1)[-1]
       if m.isfile() and name.lower().endswith(".jpg") and (names is None or name in names):
-        chips.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
-        ages.append(int(name.split("_", 1)[0]))
-  return chips, ages
+        out.append((name, np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))))
+  return out
 
 
 def utkface_test_names(labels_csv: str) -> set[str]:
@@ -206,7 +218,7 @@ def match(faces: list[tuple], detections: list[tuple]) -> tuple[int, int]:
 
 def match_pairs(faces: list[tuple], detections: list[tuple]) -> list[tuple[int, int]]:
   """(face index, detection index) of each face found: a detection, in order, finds the first face
-  not yet found whose box holds its centre and is 0.8-4 times as wide as it (a detection's width
+  not yet found whose box holds its centre and is 1/1.2-4 times as wide as it (a detection's width
   0.25-1.2 of the face's); each face is found at most once."""
   pairs, used = [], set()
   for j, det in enumerate(detections):

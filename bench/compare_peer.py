@@ -88,11 +88,14 @@ def score(name: str, seconds: float, found: dict, truth: dict | None, count: int
                false_detections=sum(h[1] for h in hits))
     if ages is not None and true_ages:
       errors = []
+      true_ages = {os.path.realpath(p): a for p, a in true_ages.items()}
       for p, faces in truth.items():
         key = os.path.realpath(p)
         for i, j in hard_photos.match_pairs(faces, found.get(key, [])):
-          if true_ages.get(p) is not None and ages[key][j] is not None:
-            errors.append(ages[key][j] - true_ages[p][i])
+          if true_ages.get(key) is not None and ages[key][j] is not None:
+            errors.append(ages[key][j] - true_ages[key][i])
+      if not errors and out["faces_found"]:
+        print(f"{name}: no age to score (the command printed none, or the photos have no true ages)", file=sys.stderr)
       if errors:
         out.update(age_mae=round(sum(abs(e) for e in errors) / len(errors), 2),
                    age_bias=round(sum(errors) / len(errors), 2), aged_faces=len(errors))

@@ -234,8 +234,10 @@ def test_labelled_chips_are_the_archives_in_order_with_the_age_their_names_start
   chips, ages = hard_photos.utkface_labelled_chips(archive, 5, {names[0], names[2]})
   assert ages == [25, 61] and len(chips) == 2 and chips[0].shape == (40, 40, 3)
   assert hard_photos.utkface_labelled_chips(archive, 2)[1] == [25, 7]                # the first `count`
-  assert all(np.array_equal(x, y) for x, y in zip(hard_photos.utkface_chips(archive, 3),
-                                                  hard_photos.utkface_labelled_chips(archive, 3)[0]))
+  fakes.utkface_archive(str(tmp_path / "odd"), ["a_0_0_x.jpg.chip.jpg"])
+  assert len(hard_photos.utkface_chips(str(tmp_path / "odd" / "UTKFace.tar.gz"), 3)) == 1  # chips need no label
+  with pytest.raises(ValueError, match="does not start with an age"):
+    hard_photos.utkface_labelled_chips(str(tmp_path / "odd" / "UTKFace.tar.gz"), 3)
 
 
 def test_scans_carry_each_faces_age_in_the_order_of_their_boxes():
@@ -246,6 +248,7 @@ def test_scans_carry_each_faces_age_in_the_order_of_their_boxes():
   plain = hard_photos.make_scans(chips, 6, seed=5)
   assert all(np.array_equal(p.rgb, q.rgb) and p.faces == q.faces and q.ages is None for p, q in zip(scans, plain))
   used = [a for p in scans for a in p.ages]
+  assert len(used) > len(ages)                             # the chips came round again
   assert [len(p.ages) for p in scans] == [len(p.faces) for p in scans]
   assert used == [ages[k % 5] for k in range(len(used))]  # the chips in turn, so their ages in turn
   with pytest.raises(ValueError, match="2 ages for 5 chips"):

@@ -444,24 +444,30 @@ def test_compare_peer_reads_a_commands_faces_and_scores_them(tmp_path):
   """Each command's JSON lines become faces per file; a face counts once, other boxes are false."""
   import json
   cp = _compare_peer()
-  a, b = str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")
+  a, b, c = str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), str(tmp_path / "c.jpg")
   lines = [{"file": a, "faces": [{"box": [10, 10, 70, 70], "age": 30.0}]},
            {"file": b, "faces": [{"box": [500, 500, 560, 560], "age": 70.0}, {"box": [210, 10, 270, 70], "age": 50.0},
-                                 {"box": [215, 15, 265, 65]}]}]
+                                 {"box": [215, 15, 265, 65]}]},
+           {"file": c, "faces": [{"box": [10, 10, 70, 70]}]}]
   code = "import json\n" + "\n".join(f"print(json.dumps(json.loads({json.dumps(x)!r})))" for x in lines) + "\nprint('noise')"
   seconds, found, ages = cp.run_command([sys.executable, "-c", code])
   assert found == {os.path.realpath(a): [(10, 10, 70, 70)],
-                   os.path.realpath(b): [(500, 500, 560, 560), (210, 10, 270, 70), (215, 15, 265, 65)]}
-  assert ages == {os.path.realpath(a): [30.0], os.path.realpath(b): [70.0, 50.0, None]}
+                   os.path.realpath(b): [(500, 500, 560, 560), (210, 10, 270, 70), (215, 15, 265, 65)],
+                   os.path.realpath(c): [(10, 10, 70, 70)]}
+  assert ages == {os.path.realpath(a): [30.0], os.path.realpath(b): [70.0, 50.0, None], os.path.realpath(c): [None]}
+  del found[os.path.realpath(c)], ages[os.path.realpath(c)]
   truth = {os.path.realpath(a): [(0, 0, 100, 100)], os.path.realpath(b): [(200, 0, 300, 100), (600, 0, 700, 100)]}
   r = cp.score("peer", 2.0, found, truth, 2)
   # a: found; b: the first face found once (the second box on it is false), the second face missed
   assert (r["faces_placed"], r["faces_found"], r["false_detections"], r["recall"]) == (3, 2, 2, 0.667)
   assert r["photos_per_s"] == 1.0 and r["faces"] == 4 and "age_mae" not in r
-  true_ages = {os.path.realpath(a): [26], os.path.realpath(b): [56, 8]}
+  true_ages = {a: [26], b: [56, 8]}  # keyed as given: the scores' keys are real paths
   r = cp.score("peer", 2.0, found, truth, 2, ages, true_ages)
   # the ages of the faces found, by the box that found each (not the false ones' 70): 30 - 26, 50 - 56
   assert (r["aged_faces"], r["age_mae"], r["age_bias"]) == (2, 5.0, -1.0)
+  ages[os.path.realpath(a)] = [None]  # a face found without an age is left out
+  r = cp.score("peer", 2.0, found, truth, 2, ages, true_ages)
+  assert (r["aged_faces"], r["age_mae"], r["age_bias"]) == (1, 6.0, -6.0)
   with pytest.raises(SystemExit, match="failed"):
     cp.run_command([sys.executable, "-c", "raise SystemExit(3)"])
 
