@@ -188,25 +188,18 @@ def aaf_photos(archive: str, count: int) -> list[Photo]:
   without its landmarks is left out; ValueError where none is left."""
   from agejax.data.builders import aaf
   test = sorted(n for n, split in aaf.split_table().items() if split == "test")[:count]
-  wanted, photos, points = set(test), {}, {}
-  with tarfile.open(archive, "r:gz") as tar:
-    for m in tar:
-      name = m.name.rsplit("/", 1)[-1]
-      if m.isfile() and m.name.startswith(aaf.PHOTOS) and name in wanted:
-        photos[name] = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"))
-      elif m.isfile() and m.name.startswith(aaf.POINTS) and name[:-4] + ".jpg" in wanted:
-        points[name[:-4] + ".jpg"] = aaf.parse_points(tar.extractfile(m).read().decode("utf-8", "replace"), m.name)
-      if len(photos) == len(points) == len(wanted):
-        break
-  if not photos.keys() & points.keys():
-    raise ValueError(f"{archive}: no photo of All-Age-Faces' test split with its landmarks (the release's "
-                     f"'{aaf.PHOTOS}' and '{aaf.POINTS}' folders)")
+  photos, points = aaf.read_archive(archive, set(test))
   out = []
   for name in test:
-    if name in photos and name in points:
-      (left, top), (right, bottom) = points[name].min(axis=0), points[name].max(axis=0)
+    if name in photos and name[:-4] in points:
+      pts = aaf.parse_points(points[name[:-4]], f"{aaf.POINTS}{name[:-4]}.txt")
+      (left, top), (right, bottom) = pts.min(axis=0), pts.max(axis=0)
       cx, cy, half = (left + right) / 2, (top + bottom) / 2, 0.8 * (right - left)
-      out.append(Photo("aaf", photos[name], [(round(cx - half), round(cy - half), round(cx + half), round(cy + half))]))
+      rgb = np.asarray(Image.open(io.BytesIO(photos[name])).convert("RGB"))
+      out.append(Photo("aaf", rgb, [(round(cx - half), round(cy - half), round(cx + half), round(cy + half))]))
+  if not out:
+    raise ValueError(f"{archive}: no photo of All-Age-Faces' test split with its landmarks (the release's "
+                     f"'{aaf.PHOTOS}' and '{aaf.POINTS}' folders)")
   return out
 
 

@@ -82,19 +82,16 @@ def score(name: str, seconds: float, found: dict, truth: dict | None, count: int
          "faces": sum(len(v) for v in found.values())}
   if truth:
     from agejax import hard_photos
-    hits = [hard_photos.match(faces, found.get(os.path.realpath(p), [])) for p, faces in truth.items()]
-    placed = sum(len(f) for f in truth.values())
-    out.update(faces_placed=placed, faces_found=sum(h[0] for h in hits), recall=round(sum(h[0] for h in hits) / placed, 3),
-               false_detections=sum(h[1] for h in hits))
+    pairs = {os.path.realpath(p): hard_photos.match_pairs(faces, found.get(os.path.realpath(p), []))
+             for p, faces in truth.items()}
+    placed, hit = sum(len(f) for f in truth.values()), sum(len(v) for v in pairs.values())
+    detected = sum(len(found.get(key, [])) for key in pairs)
+    out.update(faces_placed=placed, faces_found=hit, recall=round(hit / placed, 3), false_detections=detected - hit)
     if ages is not None and true_ages:
-      errors = []
       true_ages = {os.path.realpath(p): a for p, a in true_ages.items()}
-      for p, faces in truth.items():
-        key = os.path.realpath(p)
-        for i, j in hard_photos.match_pairs(faces, found.get(key, [])):
-          if true_ages.get(key) is not None and ages[key][j] is not None:
-            errors.append(ages[key][j] - true_ages[key][i])
-      if not errors and out["faces_found"]:
+      errors = [ages[key][j] - true_ages[key][i] for key, found_pairs in pairs.items() for i, j in found_pairs
+                if true_ages.get(key) is not None and ages[key][j] is not None]
+      if not errors and hit:
         print(f"{name}: no age to score (the command printed none, or the photos have no true ages)", file=sys.stderr)
       if errors:
         out.update(age_mae=round(sum(abs(e) for e in errors) / len(errors), 2),

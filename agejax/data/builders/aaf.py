@@ -83,6 +83,24 @@ def write_split_table(labels_csv: str, out: str) -> None:
       w.writerow([name, table[name]])
 
 
+def read_archive(archive: str, names: set[str] | None = None) -> tuple[dict[str, bytes], dict[str, str]]:
+  """({photo name: JPEG bytes}, {photo name without .jpg: key-points text}) of the release's
+  archive, of the photos in `names` only where given (reading stops once all of them are in)."""
+  photos, points = {}, {}
+  stems = None if names is None else {n[:-4] for n in names}
+  with tarfile.open(archive, "r:gz") as tar:
+    for m in tar:
+      if not m.isfile():
+        continue
+      if m.name.startswith(PHOTOS) and (names is None or m.name[len(PHOTOS):] in names):
+        photos[m.name[len(PHOTOS):]] = tar.extractfile(m).read()
+      elif m.name.startswith(POINTS) and (stems is None or m.name[len(POINTS):-4] in stems):
+        points[m.name[len(POINTS):-4]] = tar.extractfile(m).read().decode("utf-8", "replace")
+      if names is not None and len(photos) == len(points) == len(names):
+        break
+  return photos, points
+
+
 def parse_points(text: str, where: str) -> np.ndarray:
   """(49, 2) landmarks from a key-points file; BadInputError otherwise."""
   try:
@@ -165,15 +183,7 @@ class Aaf(FaceBuilder, skip_registration=True):
     """Every photo's chip (or its error), aligned once for all splits, in `WORKERS` processes."""
     if self._chips is not None:
       return self._chips
-    photos, points = {}, {}
-    with tarfile.open(archive, "r:gz") as tar:
-      for m in tar:
-        if not m.isfile():
-          continue
-        if m.name.startswith(PHOTOS):
-          photos[m.name[len(PHOTOS):]] = tar.extractfile(m).read()
-        elif m.name.startswith(POINTS):
-          points[m.name[len(POINTS):-4]] = tar.extractfile(m).read().decode("utf-8", "replace")
+    photos, points = read_archive(archive)
     items = [(n, photos[n], points[n[:-4]]) for n in sorted(photos) if n[:-4] in points]
     chips: dict[str, bytes | BadInputError] = {
         n: BadInputError(f"{ARCHIVE}: {POINTS}{n[:-4]}.txt is missing.") for n in photos if n[:-4] not in points}
